@@ -1,0 +1,116 @@
+//! The gateway's configuration: the typed, validated form every other module reads.
+//!
+//! `load()` parses the TOML file into a raw, string-typed form, then validates and converts
+//! it into [`Config`], collecting every problem with the line and key it belongs to.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// A fully validated configuration. Every field holds a usable value; `{gateway_id}` is
+/// already substituted in every topic string.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub gateway: GatewayConfig,
+    pub local: LocalConfig,
+    pub cloud: CloudConfig,
+    pub queue: QueueConfig,
+    pub uplink: Vec<UplinkRule>,
+    pub downlink: Vec<DownlinkRule>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatewayConfig {
+    pub id: String,
+    /// Outbox database and other state.
+    pub data_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalConfig {
+    /// MQTT 3.1.1 listener.
+    pub listen: SocketAddr,
+    /// Optional MQTT 5 listener.
+    pub listen_v5: Option<SocketAddr>,
+    /// Largest publish payload a device may send, in bytes.
+    pub max_payload: usize,
+    /// Most device connections at once (front door refuses more).
+    pub max_connections: usize,
+    /// Time a new connection has to send its CONNECT.
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CloudConfig {
+    pub url: CloudUrl,
+    /// Telemetry connection client id.
+    pub client_id: String,
+    /// Command connection client id.
+    pub command_client_id: String,
+    pub keep_alive: Duration,
+    /// Largest MQTT packet to or from the cloud, in bytes.
+    pub max_packet_size: usize,
+    pub ca_file: Option<PathBuf>,
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    pub status_topic: String,
+    /// Unacknowledged QoS 1 publishes on the telemetry connection.
+    pub max_inflight: u16,
+    /// Reconnect backoff: first delay and ceiling (full jitter in between).
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueueConfig {
+    /// Bytes of topic plus payload the outbox may hold.
+    pub max_size: u64,
+    pub when_full: WhenFull,
+    pub max_age: Duration,
+    pub commit_interval: Duration,
+    /// Rows per group commit at most.
+    pub commit_batch: usize,
+    /// `synchronous = FULL` (true, default) or `NORMAL`.
+    pub fsync: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenFull {
+    DropOldest,
+    RejectNew,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Qos {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UplinkRule {
+    /// Filter on local topics.
+    pub topic: String,
+    /// Cloud topic = remote_prefix + local topic.
+    pub remote_prefix: String,
+    pub qos: Qos,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownlinkRule {
+    /// Filter relative to remote_prefix.
+    pub topic: String,
+    /// The cloud subscription is remote_prefix + topic.
+    pub remote_prefix: String,
+    /// Local topic = local_prefix + (cloud topic - remote_prefix).
+    pub local_prefix: String,
+    pub qos: Qos,
+}
