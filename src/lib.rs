@@ -1,1 +1,190 @@
+//! bridgehead: the site's MQTT broker, a durable store-and-forward uplink to one cloud
+//! broker, and commands from the cloud down to local devices.
+//!
+//! This file only wires the parts together; each module owns one stage of the data flow.
+
+pub mod broker;
+pub mod cloud;
 pub mod config;
+pub mod downlink;
+pub mod health;
+pub mod logging;
+pub mod outbox;
+pub mod topics;
+pub mod uplink;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::broker::{front_door, IntakeRule, LocalBroker};
+use crate::cloud::CloudLink;
+use crate::config::Config;
+use crate::health::SharedHealth;
+
+/// SIGTERM to exit: the whole shutdown stays within this.
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+
+/// Runs the gateway until SIGTERM or SIGINT.
+pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
+    let cloud = CloudLink::new(&config.cloud).context("preparing the cloud connection")?;
+    let (outbox, outbox_thread) =
+        outbox::open(&config.queue, &config.gateway.data_dir, health.clone())?;
+
+    let broker = LocalBroker::new(&config.local)?;
+    let intake_link = broker.link("intake")?;
+    let command_link = broker.link("downlink")?;
+    let health_link = broker.link("health")?;
+    let (internal_v4, internal_v5) = (broker.internal_v4, broker.internal_v5);
+    broker.start()?;
+    wait_for_port(internal_v4).await?;
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let limits = front_door::Limits {
+        connect_timeout: config.local.connect_timeout,
+        max_connections: config.local.max_connections,
+        max_packet: config.local.max_payload + 64 * 1024,
+    };
+    let mut listeners = vec![(config.local.listen, internal_v4)];
+    if let (Some(listen), Some(internal)) = (config.local.listen_v5, internal_v5) {
+        wait_for_port(internal).await?;
+        listeners.push((listen, internal));
+    }
+    for (listen, internal) in listeners {
+        let listener = TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("listening for devices on {listen} (local.listen)"))?;
+        info!(%listen, "local broker accepting devices");
+        tokio::spawn(front_door::serve(
+            listener,
+            internal,
+            limits.clone(),
+            health.clone(),
+            shutdown.clone(),
+        ));
+    }
+
+    let rules = config
+        .uplink
+        .iter()
+        .map(|r| IntakeRule {
+            filter: r.topic.clone(),
+            remote_prefix: r.remote_prefix.clone(),
+            qos: r.qos as u8,
+        })
+        .collect();
+    let intake = tokio::spawn(broker::run_intake(
+        intake_link,
+        rules,
+        outbox.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
+    let uplink = tokio::spawn(
+        uplink::Uplink {
+            cloud: cloud.clone(),
+            outbox: outbox.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
+    let mut downlink = tokio::spawn(
+        downlink::Downlink {
+            cloud,
+            rules: config.downlink.clone(),
+            link: command_link,
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        }
+        .run(),
+    );
+    let reporter = tokio::spawn(health::run_reporter(
+        health.clone(),
+        config.gateway.id.clone(),
+        config.gateway.data_dir.join("status.json"),
+        config.gateway.metrics_topic.clone(),
+        health_link,
+        config.gateway.metrics_interval,
+        shutdown.clone(),
+    ));
+    info!(gateway_id = %config.gateway.id, cloud = %format!("{}:{}", config.cloud.url.host, config.cloud.url.port),
+        uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(), "bridgehead running");
+
+    let fatal = tokio::select! {
+        signal = wait_for_signal() => { info!(%signal, "shutting down"); None }
+        result = &mut downlink => Some(match result {
+            Ok(Err(e)) => anyhow::Error::new(e),
+            Ok(Ok(())) => anyhow::anyhow!("the command link stopped"),
+            Err(e) => anyhow::Error::new(e),
+        }),
+    };
+    let _ = shutdown_tx.send(true);
+    let finished = tokio::time::timeout(SHUTDOWN_BUDGET, async {
+        let _ = intake.await;
+        if let Err(e) = outbox.shutdown().await {
+            warn!(error = %e, "closing the outbox");
+        }
+        let _ = uplink.await;
+        if fatal.is_none() {
+            let _ = downlink.await;
+        }
+        let _ = reporter.await;
+    })
+    .await;
+    if finished.is_err() {
+        warn!("shutdown took longer than {SHUTDOWN_BUDGET:?}; exiting anyway");
+    } else {
+        let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
+    }
+    match fatal {
+        Some(e) => {
+            error!(error = %e, "stopping the gateway so that it can be restarted cleanly");
+            Err(e)
+        }
+        None => {
+            info!("bridgehead stopped");
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_port(addr: std::net::SocketAddr) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() > deadline {
+            anyhow::bail!("the embedded broker did not start listening on {addr}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// SIGTERM or SIGINT. SIGHUP (reload) is logged: reload is not built yet.
+async fn wait_for_signal() -> &'static str {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        error!("cannot install signal handlers; stop the gateway with SIGKILL");
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "SIGTERM",
+            _ = int.recv() => return "SIGINT",
+            _ = hup.recv() => warn!("SIGHUP received: configuration reload is not supported yet; restart the service to apply changes"),
+        }
+    }
+}
+
+pub use health::Health;
+pub type SharedHealthHandle = Arc<Health>;

@@ -1,0 +1,137 @@
+//! The site's local MQTT broker: embedded rumqttd behind our own front door, and the one
+//! intake subscription through which local messages reach the outbox.
+//!
+//! rumqttd listens only on internal loopback ports; devices connect to `local.listen`, where
+//! the [`front_door`] accepts them, fixes what rumqttd refuses (keepalive 0), keeps devices
+//! away from the internal link ids, and splices the connection through.
+
+pub mod front_door;
+mod intake;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+
+use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
+use tracing::{error, info};
+
+use crate::config::LocalConfig;
+
+pub use intake::{run_intake, IntakeRule};
+
+/// Client ids of the gateway's own in-process links start with this; the front door refuses
+/// devices that try to use it (a device taking a link's id would disconnect the link).
+pub const INTERNAL_ID_PREFIX: &str = "bridgehead-internal-";
+
+/// Bytes each subscribed filter may hold in rumqttd's in-memory log before its oldest
+/// segment is dropped: a subscriber further behind than this loses data. Sized so that a
+/// 100k-message burst fits even if the intake stalled for its whole duration.
+const SEGMENT_SIZE: usize = 8 << 20;
+const SEGMENT_COUNT: usize = 4;
+
+/// Room for topic and headers on top of `local.max_payload` in a packet.
+const PACKET_OVERHEAD: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("finding a free internal loopback port for the embedded broker: {0}")]
+    InternalPort(std::io::Error),
+    #[error("creating the in-process link {name}: {message}")]
+    Link { name: String, message: String },
+    #[error("starting the embedded broker thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The embedded broker before it starts serving: links are made here.
+pub struct LocalBroker {
+    broker: Broker,
+    /// Where the front door sends MQTT 3.1.1 and MQTT 5 connections.
+    pub internal_v4: SocketAddr,
+    pub internal_v5: Option<SocketAddr>,
+}
+
+/// A bidirectional in-process connection to the router.
+pub struct Link {
+    pub tx: LinkTx,
+    pub rx: LinkRx,
+}
+
+impl LocalBroker {
+    pub fn new(config: &LocalConfig) -> Result<Self, BrokerError> {
+        let internal_v4 = free_loopback_port()?;
+        let internal_v5 = match config.listen_v5 {
+            Some(_) => Some(free_loopback_port()?),
+            None => None,
+        };
+        let settings = |name: &str, listen: SocketAddr| ServerSettings {
+            name: name.to_owned(),
+            listen,
+            tls: None,
+            next_connection_delay_ms: 0,
+            connections: ConnectionSettings {
+                connection_timeout_ms: config.connect_timeout.as_millis().min(60_000) as u16,
+                max_payload_size: config.max_payload + PACKET_OVERHEAD,
+                max_inflight_count: 100,
+                auth: None,
+                external_auth: None,
+                dynamic_filters: true,
+            },
+        };
+        let rumqttd_config = rumqttd::Config {
+            id: 0,
+            router: RouterConfig {
+                // Devices plus the gateway's own links.
+                max_connections: config.max_connections + 64,
+                max_outgoing_packet_count: 4096,
+                max_segment_size: SEGMENT_SIZE,
+                max_segment_count: SEGMENT_COUNT,
+                custom_segment: None,
+                initialized_filters: None,
+                shared_subscriptions_strategy: Default::default(),
+            },
+            v4: Some(HashMap::from([(
+                "v4".to_owned(),
+                settings("local-v4", internal_v4),
+            )])),
+            v5: internal_v5
+                .map(|addr| HashMap::from([("v5".to_owned(), settings("local-v5", addr))])),
+            ..Default::default()
+        };
+        Ok(LocalBroker {
+            broker: Broker::new(rumqttd_config),
+            internal_v4,
+            internal_v5,
+        })
+    }
+
+    /// A new in-process link named `bridgehead-internal-<name>`.
+    pub fn link(&self, name: &str) -> Result<Link, BrokerError> {
+        let id = format!("{INTERNAL_ID_PREFIX}{name}");
+        let (tx, rx) = self.broker.link(&id).map_err(|e| BrokerError::Link {
+            name: id.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Link { tx, rx })
+    }
+
+    /// Starts serving on the internal ports, on a thread of its own (rumqttd blocks forever
+    /// and has no shutdown; the process exit ends it).
+    pub fn start(mut self) -> Result<(), BrokerError> {
+        std::thread::Builder::new()
+            .name("rumqttd".into())
+            .spawn(move || {
+                if let Err(e) = self.broker.start() {
+                    error!(error = %e, "embedded broker stopped");
+                }
+            })
+            .map_err(BrokerError::Thread)?;
+        info!("embedded broker started");
+        Ok(())
+    }
+}
+
+fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
+    let listener =
+        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(BrokerError::InternalPort)?;
+    listener.local_addr().map_err(BrokerError::InternalPort)
+}

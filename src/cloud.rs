@@ -1,0 +1,213 @@
+//! What the two cloud connections (telemetry up, commands down) share: connection options,
+//! TLS on rustls with the ring provider, credentials, and reconnect backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rand::Rng;
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
+
+use crate::config::CloudConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CloudSetupError {
+    #[error("reading {what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{what} {path} holds no usable PEM {kind}")]
+    Pem {
+        what: &'static str,
+        path: String,
+        kind: &'static str,
+    },
+    #[error("TLS setup: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// Everything needed to open a cloud connection, prepared once at start so that a bad
+/// certificate file is reported at start, not at every reconnect.
+#[derive(Clone)]
+pub struct CloudLink {
+    pub config: CloudConfig,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    password: Option<String>,
+}
+
+impl CloudLink {
+    pub fn new(config: &CloudConfig) -> Result<Self, CloudSetupError> {
+        let tls = if config.url.tls {
+            Some(Arc::new(tls_config(config)?))
+        } else {
+            None
+        };
+        let password = match &config.password_file {
+            Some(path) => Some(
+                read("cloud.password_file", path)?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+            None => None,
+        };
+        Ok(CloudLink {
+            config: config.clone(),
+            tls,
+            password,
+        })
+    }
+
+    /// Options for one connection with the given client id.
+    pub fn options(&self, client_id: &str) -> MqttOptions {
+        let c = &self.config;
+        let mut options = MqttOptions::new(client_id, c.url.host.clone(), c.url.port);
+        options
+            .set_keep_alive(c.keep_alive)
+            .set_clean_session(false)
+            .set_max_packet_size(c.max_packet_size, c.max_packet_size);
+        if let Some(user) = &c.username {
+            options.set_credentials(user.clone(), self.password.clone().unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                tls.clone(),
+            )));
+        }
+        options
+    }
+
+    pub fn backoff(&self) -> Backoff {
+        Backoff {
+            min: self.config.reconnect_min,
+            max: self.config.reconnect_max,
+            attempt: 0,
+        }
+    }
+}
+
+fn read(what: &'static str, path: &std::path::Path) -> Result<String, CloudSetupError> {
+    std::fs::read_to_string(path).map_err(|source| CloudSetupError::File {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn tls_config(config: &CloudConfig) -> Result<rustls::ClientConfig, CloudSetupError> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &config.ca_file {
+        Some(path) => {
+            let pem = read("cloud.ca_file", path)?;
+            let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| CloudSetupError::File {
+                    what: "cloud.ca_file",
+                    path: path.display().to_string(),
+                    source,
+                })?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(CloudSetupError::Pem {
+                    what: "cloud.ca_file",
+                    path: path.display().to_string(),
+                    kind: "certificate",
+                });
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            for e in &native.errors {
+                tracing::warn!(error = %e, "reading a system root certificate");
+            }
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots);
+    match (&config.cert_file, &config.key_file) {
+        (Some(cert_path), Some(key_path)) => {
+            let pem = read("cloud.cert_file", cert_path)?;
+            let certs = rustls_pemfile::certs(&mut pem.as_bytes())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|source| CloudSetupError::File {
+                    what: "cloud.cert_file",
+                    path: cert_path.display().to_string(),
+                    source,
+                })?;
+            let pem = read("cloud.key_file", key_path)?;
+            let key = rustls_pemfile::private_key(&mut pem.as_bytes())
+                .ok()
+                .flatten()
+                .ok_or_else(|| CloudSetupError::Pem {
+                    what: "cloud.key_file",
+                    path: key_path.display().to_string(),
+                    kind: "private key",
+                })?;
+            Ok(builder.with_client_auth_cert(certs, key)?)
+        }
+        _ => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// Exponential backoff, each delay drawn between 10 % and 100 % of the current ceiling, so that a fleet of gateways does not reconnect in
+/// step to a cloud broker that just came back.
+#[derive(Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .min
+            .saturating_mul(1u32 << self.attempt.min(16))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        let ms = ceiling.as_millis() as u64;
+        Duration::from_millis(rand::thread_rng().gen_range(ms / 10..=ms.max(1)))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+/// An error with every cause behind it, e.g. `TLS: I/O: invalid peer certificate: UnknownIssuer`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_ceiling_with_jitter() {
+        let mut b = Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(2),
+            attempt: 0,
+        };
+        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

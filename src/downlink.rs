@@ -1,0 +1,298 @@
+//! The command connection: its own client id and persistent session, so a telemetry burst
+//! never delays a command. Each command is published into the local broker at QoS 1 and
+//! acknowledged to the cloud only after the broker confirmed it.
+
+use std::collections::{HashSet, VecDeque};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rumqttc::{
+    AsyncClient, ConnectReturnCode, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter,
+};
+use rumqttd::local::LinkError;
+use rumqttd::protocol::Packet as RouterPacket;
+use rumqttd::Notification;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::broker::Link;
+use crate::cloud::{error_chain, CloudLink};
+use crate::config::DownlinkRule;
+use crate::health::{inc, LinkState, RateLimit, SharedHealth};
+use crate::topics;
+
+/// Commands remembered as handed over, to recognise the cloud's redeliveries.
+const REMEMBERED: usize = 4096;
+/// A local broker that does not confirm a command in this time is stuck.
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownlinkError {
+    #[error("the local broker did not confirm a command within {0:?}")]
+    HandoffTimeout(Duration),
+    #[error("the in-process link to the local broker failed: {0}")]
+    Link(String),
+}
+
+pub struct Downlink {
+    pub cloud: CloudLink,
+    pub rules: Vec<DownlinkRule>,
+    pub link: Link,
+    pub health: SharedHealth,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+enum End {
+    Shutdown,
+    Lost { error: String, was_up: bool },
+    Fatal(DownlinkError),
+}
+
+impl Downlink {
+    /// Runs until shutdown; an error means the local broker can no longer take commands and
+    /// the gateway must restart.
+    pub async fn run(mut self) -> Result<(), DownlinkError> {
+        if self.rules.is_empty() {
+            info!("no [[downlink]] rules: no command connection to the cloud");
+            return Ok(());
+        }
+        let mut backoff = self.cloud.backoff();
+        let mut handed = Handed::default();
+        let mut pkid = 0u16;
+        loop {
+            self.health.commands.set(LinkState::Connecting);
+            let mut options = self.cloud.options(&self.cloud.config.command_client_id);
+            options.set_manual_acks(true);
+            let (client, eventloop) = AsyncClient::new(options, 256);
+            match self
+                .session(&client, eventloop, &mut handed, &mut pkid)
+                .await
+            {
+                End::Shutdown => {
+                    let _ = client.try_disconnect();
+                    return Ok(());
+                }
+                End::Fatal(e) => return Err(e),
+                End::Lost { error, was_up } => {
+                    inc(&self.health.counters.reconnects);
+                    if was_up {
+                        backoff.reset();
+                    }
+                    let delay = backoff.next_delay();
+                    self.health.commands.set(LinkState::BackingOff);
+                    warn!(client_id = %self.cloud.config.command_client_id, error = %error,
+                        retry_in = ?delay, "cloud command link down; the cloud keeps commands for us");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = self.shutdown.changed() => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn session(
+        &mut self,
+        client: &AsyncClient,
+        mut eventloop: EventLoop,
+        handed: &mut Handed,
+        pkid: &mut u16,
+    ) -> End {
+        let mut was_up = false;
+        let mut bad_log = RateLimit::new(Duration::from_secs(10));
+        loop {
+            let event = tokio::select! {
+                event = eventloop.poll() => event,
+                _ = self.shutdown.changed() => return End::Shutdown,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack)))
+                    if ack.code == ConnectReturnCode::Success =>
+                {
+                    was_up = true;
+                    self.health.commands.set(LinkState::Up);
+                    info!(client_id = %self.cloud.config.command_client_id,
+                        session_present = ack.session_present, "cloud command link up");
+                    if !ack.session_present {
+                        let filters = self.rules.iter().map(|r| {
+                            let qos = if r.qos as u8 == 0 {
+                                QoS::AtMostOnce
+                            } else {
+                                QoS::AtLeastOnce
+                            };
+                            SubscribeFilter::new(format!("{}{}", r.remote_prefix, r.topic), qos)
+                        });
+                        if let Err(e) = client.try_subscribe_many(filters) {
+                            return End::Lost {
+                                error: format!("subscribing to commands: {e}"),
+                                was_up,
+                            };
+                        }
+                    }
+                }
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    return End::Lost {
+                        error: format!("cloud refused the connection: {:?}", ack.code),
+                        was_up,
+                    };
+                }
+                Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                    let refused = ack
+                        .return_codes
+                        .iter()
+                        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                        .count();
+                    if refused > 0 {
+                        error!(refused, "the cloud refused command subscriptions; check its ACL for cloud.command_client_id");
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    if let Err(e) = self
+                        .command(client, publish, handed, pkid, &mut bad_log)
+                        .await
+                    {
+                        return End::Fatal(e);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    return End::Lost {
+                        error: error_chain(&e),
+                        was_up,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn command(
+        &mut self,
+        client: &AsyncClient,
+        publish: Publish,
+        handed: &mut Handed,
+        pkid: &mut u16,
+        bad_log: &mut RateLimit,
+    ) -> Result<(), DownlinkError> {
+        let counters = &self.health.counters;
+        inc(&counters.commands_received);
+        let key = Handed::key(&publish);
+        if publish.dup && handed.contains(key) {
+            inc(&counters.commands_duplicate);
+            info!(topic = %publish.topic, "command redelivered by the cloud was already handed over; acknowledging it again");
+            let _ = client.try_ack(&publish);
+            return Ok(());
+        }
+        let Some(local) = self.local_topic(&publish.topic) else {
+            inc(&counters.commands_failed);
+            if let Some(held) = bad_log.check() {
+                warn!(topic = %publish.topic, earlier_warnings_suppressed = held,
+                    "command on a topic no [[downlink]] rule maps to a valid local topic; acknowledged and dropped");
+            }
+            let _ = client.try_ack(&publish);
+            return Ok(());
+        };
+        let started = Instant::now();
+        *pkid = pkid.checked_add(1).unwrap_or(1);
+        handoff(
+            &mut self.link,
+            &local,
+            publish.payload.clone(),
+            publish.retain,
+            *pkid,
+        )
+        .await?;
+        inc(&counters.commands_delivered);
+        handed.insert(key);
+        let _ = client.try_ack(&publish);
+        tracing::debug!(topic = %local, took = ?started.elapsed(), "command handed to the local broker");
+        Ok(())
+    }
+
+    /// `local_prefix + (cloud topic - remote_prefix)` of the first rule that matches.
+    fn local_topic(&self, cloud_topic: &str) -> Option<String> {
+        let rule = self.rules.iter().find(|r| {
+            cloud_topic
+                .strip_prefix(r.remote_prefix.as_str())
+                .is_some_and(|rest| topics::matches(&r.topic, rest))
+        })?;
+        let rest = &cloud_topic[rule.remote_prefix.len()..];
+        let local = format!("{}{}", rule.local_prefix, rest);
+        topics::valid_topic(&local).ok().map(|_| local)
+    }
+}
+
+/// Publishes into the local broker at QoS 1 and waits for the broker's PUBACK.
+async fn handoff(
+    link: &mut Link,
+    topic: &str,
+    payload: Bytes,
+    retain: bool,
+    pkid: u16,
+) -> Result<(), DownlinkError> {
+    // rumqttd keeps Publish's QoS and packet id private; its own serialised form is the way
+    // to build a QoS 1 publish from outside.
+    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+    raw.put_u8(0b0011_0010 | retain as u8);
+    raw.put_u16(pkid);
+    raw.put_u16(topic.len() as u16);
+    raw.extend_from_slice(topic.as_bytes());
+    raw.extend_from_slice(&payload);
+    let publish = rumqttd::protocol::Publish::deserialize(raw.freeze());
+    let link_err = |e: LinkError| DownlinkError::Link(e.to_string());
+    link.tx
+        .send(RouterPacket::Publish(publish, None))
+        .await
+        .map_err(link_err)?;
+    let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
+    loop {
+        let next = tokio::time::timeout_at(deadline, link.rx.next())
+            .await
+            .map_err(|_| DownlinkError::HandoffTimeout(HANDOFF_TIMEOUT))?
+            .map_err(link_err)?;
+        match next {
+            Some(Notification::Unschedule) => link.rx.wake().await.map_err(link_err)?,
+            Some(notification @ (Notification::DeviceAck(_) | Notification::Disconnect(..))) => {
+                // rumqttd does not export its Ack type; its Packet form is public.
+                match Option::<RouterPacket>::from(notification) {
+                    Some(RouterPacket::PubAck(ack, _)) if ack.pkid == pkid => return Ok(()),
+                    Some(RouterPacket::Disconnect(..)) => {
+                        return Err(DownlinkError::Link("disconnected by the broker".into()))
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Commands recently handed over, by packet id, topic and payload.
+#[derive(Default)]
+struct Handed {
+    set: HashSet<u64>,
+    order: VecDeque<u64>,
+}
+
+impl Handed {
+    fn key(p: &Publish) -> u64 {
+        let mut h = DefaultHasher::new();
+        (p.pkid, &p.topic, &p.payload[..]).hash(&mut h);
+        h.finish()
+    }
+
+    fn contains(&self, key: u64) -> bool {
+        self.set.contains(&key)
+    }
+
+    fn insert(&mut self, key: u64) {
+        if self.set.insert(key) {
+            self.order.push_back(key);
+            if self.order.len() > REMEMBERED {
+                if let Some(old) = self.order.pop_front() {
+                    self.set.remove(&old);
+                }
+            }
+        }
+    }
+}

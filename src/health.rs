@@ -1,0 +1,335 @@
+//! What the gateway tells about itself: counters, link states, the status document that is
+//! written to `status.json` and published on the local metrics topic.
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Serialize;
+
+/// State of one cloud connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    Connecting = 0,
+    Up = 1,
+    BackingOff = 2,
+}
+
+impl LinkState {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => LinkState::Up,
+            2 => LinkState::BackingOff,
+            _ => LinkState::Connecting,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LinkState::Connecting => "connecting",
+            LinkState::Up => "up",
+            LinkState::BackingOff => "backing_off",
+        }
+    }
+}
+
+/// A link state shared between its owner (who sets it) and the status reporter.
+#[derive(Debug, Default)]
+pub struct SharedLinkState(AtomicU8);
+
+impl SharedLinkState {
+    pub fn set(&self, state: LinkState) {
+        self.0.store(state as u8, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> LinkState {
+        LinkState::from_u8(self.0.load(Ordering::Relaxed))
+    }
+}
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Monotonic event counters; each failure path of the gateway has one.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        /// A point-in-time copy of [`Counters`].
+        #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+        pub struct CounterSnapshot {
+            $(pub $name: u64,)*
+        }
+
+        impl Counters {
+            pub fn snapshot(&self) -> CounterSnapshot {
+                CounterSnapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+    };
+}
+
+counters! {
+    /// Local messages matched by an uplink rule and handed to the outbox.
+    received,
+    /// Messages committed to the outbox.
+    enqueued,
+    /// Messages acknowledged by the cloud (QoS 1) or written to it (QoS 0).
+    forwarded,
+    /// Oldest rows dropped because the outbox was full (`when_full = "drop-oldest"`).
+    dropped_full,
+    /// New messages refused because the outbox was full (`when_full = "reject-new"`).
+    rejected_full,
+    /// Rows removed because they were older than `queue.max_age`.
+    expired,
+    /// Rows the cloud can never accept, moved to the dead-letter table.
+    dead_lettered,
+    /// Times the embedded broker skipped data the intake had not read yet.
+    intake_overruns,
+    /// Times a local device subscriber fell behind and lost messages in the broker.
+    local_overruns,
+    /// Local messages whose topic was not UTF-8 and so could not be forwarded.
+    intake_invalid,
+    /// Commands received from the cloud.
+    commands_received,
+    /// Commands confirmed by the local broker.
+    commands_delivered,
+    /// Commands redelivered by the cloud after they had been handed over (acked again only).
+    commands_duplicate,
+    /// Commands that could not be handed to the local broker.
+    commands_failed,
+    /// Cloud connection attempts that failed or connections that were lost.
+    reconnects,
+    /// Device connections refused or dropped by the front door (limits, bad CONNECT, timeouts).
+    front_door_refused,
+    /// Outbox database errors (each is also logged).
+    outbox_errors,
+}
+
+/// Current fill of the outbox, kept up to date by its writer.
+#[derive(Debug, Default)]
+pub struct QueueGauges {
+    pub rows: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Gateway-clock ms of the oldest row, or u64::MAX when empty.
+    pub oldest_ts: AtomicU64,
+    /// Gateway-clock ms "now", as last seen by the writer.
+    pub now_ts: AtomicU64,
+}
+
+/// Everything the status reporter reads; shared by all components.
+#[derive(Debug)]
+pub struct Health {
+    pub started: Instant,
+    pub counters: Counters,
+    pub queue: QueueGauges,
+    pub telemetry: SharedLinkState,
+    pub commands: SharedLinkState,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            started: Instant::now(),
+            counters: Counters::default(),
+            queue: QueueGauges {
+                oldest_ts: AtomicU64::new(u64::MAX),
+                ..QueueGauges::default()
+            },
+            telemetry: SharedLinkState::default(),
+            commands: SharedLinkState::default(),
+        }
+    }
+}
+
+pub fn inc(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+pub fn add(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+#[derive(Debug, Serialize)]
+pub struct StatusDoc {
+    pub gateway_id: String,
+    pub version: &'static str,
+    pub uptime_s: u64,
+    pub cloud: CloudStatus,
+    pub queue: QueueStatus,
+    pub counters: CounterSnapshot,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CloudStatus {
+    pub telemetry: &'static str,
+    pub commands: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct QueueStatus {
+    pub rows: u64,
+    pub bytes: u64,
+    pub oldest_age_ms: Option<u64>,
+}
+
+impl Health {
+    pub fn status(&self, gateway_id: &str) -> StatusDoc {
+        let oldest = self.queue.oldest_ts.load(Ordering::Relaxed);
+        let now = self.queue.now_ts.load(Ordering::Relaxed);
+        StatusDoc {
+            gateway_id: gateway_id.to_owned(),
+            version: env!("CARGO_PKG_VERSION"),
+            uptime_s: self.started.elapsed().as_secs(),
+            cloud: CloudStatus {
+                telemetry: self.telemetry.get().as_str(),
+                commands: self.commands.get().as_str(),
+            },
+            queue: QueueStatus {
+                rows: self.queue.rows.load(Ordering::Relaxed),
+                bytes: self.queue.bytes.load(Ordering::Relaxed),
+                oldest_age_ms: (oldest != u64::MAX).then(|| now.saturating_sub(oldest)),
+            },
+            counters: self.counters.snapshot(),
+        }
+    }
+}
+
+pub type SharedHealth = Arc<Health>;
+
+/// Lets a repeated warning through at most once per `every`, counting what it held back.
+#[derive(Debug)]
+pub struct RateLimit {
+    every: std::time::Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimit {
+    pub fn new(every: std::time::Duration) -> Self {
+        RateLimit {
+            every,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)` when the caller should log now; `n` events were held back since the last log.
+    pub fn check(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < self.every => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
+}
+
+/// Every `every`: rewrites `status.json` in the data directory and publishes the same
+/// document, retained, on the local metrics topic. Runs until shutdown, then writes once more.
+pub async fn run_reporter(
+    health: SharedHealth,
+    gateway_id: String,
+    status_file: std::path::PathBuf,
+    metrics_topic: String,
+    mut link: crate::broker::Link,
+    every: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_states = (LinkState::Connecting, LinkState::Connecting);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            // The link's notifications must be read, or the broker stalls it.
+            next = link.rx.next() => {
+                if let Ok(Some(rumqttd::Notification::Unschedule)) = next {
+                    let _ = link.rx.wake().await;
+                }
+                continue;
+            }
+            _ = shutdown.changed() => {
+                write_status(&health, &gateway_id, &status_file);
+                return;
+            }
+        }
+        let doc = write_status(&health, &gateway_id, &status_file);
+        let states = (health.telemetry.get(), health.commands.get());
+        if states != last_states {
+            last_states = states;
+            tracing::debug!(
+                telemetry = states.0.as_str(),
+                commands = states.1.as_str(),
+                "cloud link states"
+            );
+        }
+        if let Some(json) = doc {
+            let publish = rumqttd::protocol::Publish::new(metrics_topic.clone(), json, true);
+            if let Err(e) = link
+                .tx
+                .send(rumqttd::protocol::Packet::Publish(publish, None))
+                .await
+            {
+                tracing::warn!(error = %e, "publishing metrics on the local broker failed");
+            }
+        }
+    }
+}
+
+/// Writes `status.json` atomically (temp file + rename); returns the JSON it wrote.
+fn write_status(health: &Health, gateway_id: &str, path: &std::path::Path) -> Option<String> {
+    let json = match serde_json::to_string(&health.status(gateway_id)) {
+        Ok(json) => json,
+        Err(e) => {
+            tracing::error!(error = %e, "serialising the status document");
+            return None;
+        }
+    };
+    let tmp = path.with_extension("json.tmp");
+    if let Err(e) = std::fs::write(&tmp, &json).and_then(|_| std::fs::rename(&tmp, path)) {
+        tracing::warn!(path = %path.display(), error = %e, "writing the status file failed");
+    }
+    Some(json)
+}
+
+/// The status document as `bridgehead status` prints it.
+pub fn render_status(doc: &serde_json::Value) -> String {
+    let field = |path: &str| {
+        doc.pointer(path)
+            .map(|v| match v {
+                serde_json::Value::String(s) => s.clone(),
+                serde_json::Value::Null => "-".to_owned(),
+                other => other.to_string(),
+            })
+            .unwrap_or_else(|| "?".to_owned())
+    };
+    let mut out = format!(
+        "gateway    {} (bridgehead {}), up {}s\n\
+         cloud      telemetry {}, commands {}\n\
+         outbox     {} rows, {} bytes, oldest {} ms\n\
+         counters  ",
+        field("/gateway_id"),
+        field("/version"),
+        field("/uptime_s"),
+        field("/cloud/telemetry"),
+        field("/cloud/commands"),
+        field("/queue/rows"),
+        field("/queue/bytes"),
+        field("/queue/oldest_age_ms"),
+    );
+    if let Some(counters) = doc.get("counters").and_then(|c| c.as_object()) {
+        for (name, value) in counters {
+            out.push_str(&format!(" {name}={value}"));
+        }
+    }
+    out.push('\n');
+    out
+}
