@@ -3,12 +3,26 @@
 //! `load()` parses the TOML file into a raw, string-typed form, then validates and converts
 //! it into [`Config`], collecting every problem with the line and key it belongs to.
 
+mod defaults;
+mod locate;
+mod raw;
+mod units;
+mod url;
+mod validate;
+
+#[cfg(test)]
+mod tests;
+
+use std::fmt;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// A fully validated configuration. Every field holds a usable value; `{gateway_id}` is
-/// already substituted in every topic string.
+use toml_edit::ImDocument;
+
+use locate::line_at;
+use validate::Report;
+
 /// Every problem found in a config file; `Display` prints one per line as
 /// `FILE:LINE: KEY: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,17 +36,102 @@ pub struct Problem {
     /// 1-based line of the key (or of its table when the key is missing); None when the
     /// file could not be read at all.
     pub line: Option<usize>,
-    /// Dotted key path, e.g. `uplink[1].qos` (1-based index as the user counts).
+    /// Dotted key path, e.g. `uplink[1].qos` (1-based index as the user counts); empty
+    /// when the problem is the whole file (unreadable, not TOML).
     pub key: String,
     pub message: String,
 }
 
-/// Reads, parses and validates the config file.
-pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-    let _ = path;
-    unimplemented!("config loading")
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, problem) in self.problems.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{problem}")?;
+        }
+        Ok(())
+    }
 }
 
+impl std::error::Error for ConfigError {}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.file)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl ConfigError {
+    fn whole_file(file: &str, line: Option<usize>, message: String) -> Self {
+        let key = String::new();
+        ConfigError {
+            problems: vec![Problem {
+                file: file.to_owned(),
+                line,
+                key,
+                message,
+            }],
+        }
+    }
+}
+
+/// Reads, parses and validates the config file.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|error| {
+        ConfigError::whole_file(&file, None, format!("cannot read the config file: {error}"))
+    })?;
+    parse(&file, &text)
+}
+
+/// Parses and validates config text; `file` names it in the problems.
+pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+    parse_with(file, text, std::env::var_os("STATE_DIRECTORY").as_deref())
+}
+
+fn parse_with(
+    file: &str,
+    text: &str,
+    state_directory: Option<&std::ffi::OsStr>,
+) -> Result<Config, ConfigError> {
+    let doc = ImDocument::parse(text).map_err(|error| syntax_error(file, text, &error))?;
+    let mut report = Report::new(file, &doc);
+    let parsed = raw::parse(text);
+    for key in &parsed.unknown_keys {
+        report.unknown_key(key);
+    }
+    match parsed.config {
+        Ok(raw) => {
+            let config = validate::validate(&raw, &mut report, state_directory);
+            report.finish(config)
+        }
+        Err(wrong) => {
+            report.wrong_type(wrong);
+            Err(report.into_error())
+        }
+    }
+}
+
+fn syntax_error(file: &str, text: &str, error: &toml_edit::TomlError) -> ConfigError {
+    let offset = error.span().map_or(0, |span| span.start);
+    let before = text.get(..offset).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+    let column = before[line_start..].chars().count() + 1;
+    let what = error.message().trim().replace('\n', "; ");
+    let message = format!("not valid TOML at column {column}: {what}");
+    ConfigError::whole_file(file, Some(line_at(text, offset)), message)
+}
+
+/// A fully validated configuration. Every field holds a usable value; `{gateway_id}` is
+/// already substituted in every topic string.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub gateway: GatewayConfig,

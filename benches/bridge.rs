@@ -1,0 +1,380 @@
+//! bridgehead against mosquitto's bridge on the same workloads, with a real mosquitto as the
+//! cloud on loopback: a 100k-message burst, a 4-second link cut mid-stream, and `kill -9`
+//! with the link down. Prints one table; `scripts/bench` runs it, the README quotes it.
+//!
+//! Sizes can be changed with BENCH_MESSAGES (burst size, default 100000) and
+//! BENCH_PUBLISHERS (default 4).
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use support::{
+    free_port, publish_all, publish_paced, Collector, Gateway, GatewayConfig, Mosquitto, Proxy, QoS,
+};
+
+const PAYLOAD: usize = 64;
+const CLOUD_FILTER: &str = "fleet/gw-test/warehouse/#";
+
+/// Which gateway sits between the devices and the cloud.
+#[derive(Clone, Copy, PartialEq)]
+enum Setup {
+    Direct,
+    Bridgehead,
+    MosquittoBridge,
+}
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Setup::Direct => "devices -> cloud directly",
+            Setup::Bridgehead => "bridgehead",
+            Setup::MosquittoBridge => "mosquitto bridge (stock)",
+        }
+    }
+}
+
+/// The local side: a running gateway of either kind, on `port`.
+enum Local {
+    Direct(u16),
+    Bridgehead(Gateway),
+    Mosquitto(LocalMosquitto),
+}
+
+impl Local {
+    fn start(setup: Setup, cloud_port: u16) -> Local {
+        match setup {
+            Setup::Direct => Local::Direct(cloud_port),
+            Setup::Bridgehead => Local::Bridgehead(Gateway::start(
+                GatewayConfig::new(cloud_port).set_str("gateway", "metrics_interval", "1s"),
+            )),
+            Setup::MosquittoBridge => Local::Mosquitto(LocalMosquitto::start(cloud_port)),
+        }
+    }
+
+    fn port(&self) -> u16 {
+        match self {
+            Local::Direct(port) => *port,
+            Local::Bridgehead(g) => g.local_port,
+            Local::Mosquitto(m) => m.port,
+        }
+    }
+
+    fn rss_mib(&self) -> Option<f64> {
+        let pid = match self {
+            Local::Direct(_) => return None,
+            Local::Bridgehead(g) => pgrep(&g.config_path.display().to_string())?,
+            Local::Mosquitto(m) => m.child.as_ref()?.id(),
+        };
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()?;
+        Some(kb / 1024.0)
+    }
+
+    fn kill9_and_restart(&mut self) {
+        match self {
+            Local::Direct(_) => {}
+            Local::Bridgehead(g) => {
+                g.kill9();
+                g.start_again();
+            }
+            Local::Mosquitto(m) => {
+                if let Some(mut child) = m.child.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+                m.spawn();
+            }
+        }
+    }
+}
+
+fn pgrep(pattern: &str) -> Option<u32> {
+    let out = Command::new("pgrep").arg("-f").arg(pattern).output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// mosquitto as a site broker bridging `warehouse/#` to the cloud the way its manual shows,
+/// everything else at mosquitto's defaults (persistence on, as Debian ships it).
+struct LocalMosquitto {
+    dir: tempfile::TempDir,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl LocalMosquitto {
+    fn start(cloud_port: u16) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let conf = format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
+             persistence true\npersistence_location {dir}/\n\
+             connection cloud\naddress 127.0.0.1:{cloud_port}\nclientid gw-test-mosquitto\n\
+             cleansession false\nrestart_timeout 1\n\
+             topic warehouse/# out 1 \"\" fleet/gw-test/\n",
+            dir = dir.path().display()
+        );
+        fs::write(dir.path().join("mosquitto.conf"), conf).expect("writing mosquitto.conf");
+        let mut m = LocalMosquitto {
+            dir,
+            port,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::File::create(self.dir.path().join("mosquitto.log")).expect("log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err()
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for LocalMosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+struct Outcome {
+    sent: usize,
+    arrived: usize,
+    duplicates: usize,
+    seconds: f64,
+    rss_mib: Option<f64>,
+}
+
+fn messages(prefix: &str, publisher: usize, n: usize) -> Vec<(String, Vec<u8>)> {
+    let topic = format!("{prefix}warehouse/bench/device-{publisher}");
+    (0..n)
+        .map(|i| {
+            let mut payload = format!("device-{publisher}:{i:08}:").into_bytes();
+            payload.resize(PAYLOAD, b'x');
+            (topic.clone(), payload)
+        })
+        .collect()
+}
+
+/// Waits until `expected` messages arrived, or until nothing new arrived for `quiet`.
+async fn settle(collector: &Collector, expected: usize, quiet: Duration, max: Duration) -> Instant {
+    let start = Instant::now();
+    let mut last = (0, Instant::now());
+    loop {
+        let n = collector.distinct();
+        if n != last.0 {
+            last = (n, Instant::now());
+        }
+        if n >= expected || last.1.elapsed() > quiet || start.elapsed() > max {
+            return last.1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn outcome(collector: &Collector, sent: usize, seconds: f64, local: &Local) -> Outcome {
+    let deliveries = collector.deliveries();
+    Outcome {
+        sent,
+        arrived: deliveries.first.values().map(Vec::len).sum(),
+        duplicates: deliveries.duplicates,
+        seconds,
+        rss_mib: local.rss_mib(),
+    }
+}
+
+async fn burst(setup: Setup, total: usize, publishers: usize) -> Outcome {
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, CLOUD_FILTER).await;
+    let local = Local::start(setup, cloud.port);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let port = local.port();
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|p| {
+            // Published straight to the cloud, devices use the cloud topics themselves.
+            let prefix = if setup == Setup::Direct {
+                "fleet/gw-test/"
+            } else {
+                ""
+            };
+            let batch = messages(prefix, p, total / publishers);
+            tokio::spawn(async move {
+                publish_all(port, &format!("device-{p}"), QoS::AtLeastOnce, batch).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let done = settle(
+        &collector,
+        total,
+        Duration::from_secs(5),
+        Duration::from_secs(120),
+    )
+    .await;
+    outcome(
+        &collector,
+        total,
+        done.duration_since(start).as_secs_f64(),
+        &local,
+    )
+}
+
+/// 4 publishers at 500 msg/s each for 8 s; the link is cut from second 2 to second 6.
+async fn link_cut(setup: Setup) -> Outcome {
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, CLOUD_FILTER).await;
+    let proxy = Proxy::start(cloud.port).await;
+    let local = Local::start(setup, proxy.port);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let port = local.port();
+    let per = 4000;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..4)
+        .map(|p| {
+            let batch = messages("", p, per);
+            tokio::spawn(async move {
+                publish_paced(
+                    port,
+                    &format!("device-{p}"),
+                    QoS::AtLeastOnce,
+                    batch,
+                    Duration::from_millis(2),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    proxy.restore();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let done = settle(
+        &collector,
+        4 * per,
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    )
+    .await;
+    outcome(
+        &collector,
+        4 * per,
+        done.duration_since(start).as_secs_f64(),
+        &local,
+    )
+}
+
+/// Link down, 10k messages accepted by the local broker, the gateway killed with SIGKILL
+/// and restarted, link back.
+async fn kill9(setup: Setup) -> Outcome {
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, CLOUD_FILTER).await;
+    let proxy = Proxy::start(cloud.port).await;
+    let mut local = Local::start(setup, proxy.port);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.cut();
+    let total = 10_000;
+    let start = Instant::now();
+    publish_all(
+        local.port(),
+        "device-0",
+        QoS::AtLeastOnce,
+        messages("", 0, total),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    local.kill9_and_restart();
+    proxy.restore();
+    let done = settle(
+        &collector,
+        total,
+        Duration::from_secs(10),
+        Duration::from_secs(60),
+    )
+    .await;
+    outcome(
+        &collector,
+        total,
+        done.duration_since(start).as_secs_f64(),
+        &local,
+    )
+}
+
+fn print_row(workload: &str, setup: Setup, o: &Outcome) {
+    let lost = o.sent.saturating_sub(o.arrived);
+    println!(
+        "| {workload:<26} | {:<27} | {:>7} | {:>7} | {:>6} ({:>5.1} %) | {:>4} | {:>7.1} | {:>8.0} | {:>6} |",
+        setup.name(),
+        o.sent,
+        o.arrived,
+        lost,
+        100.0 * lost as f64 / o.sent as f64,
+        o.duplicates,
+        o.seconds,
+        o.arrived as f64 / o.seconds,
+        o.rss_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into()),
+    );
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    // `cargo bench` passes --bench; there are no filters to honour.
+    let total: usize = std::env::var("BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let publishers: usize = std::env::var("BENCH_PUBLISHERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB |");
+    println!("|----------------------------|-----------------------------|---------|---------|------------------|------|---------|----------|---------|");
+    let burst_name = format!("burst {total} x {PAYLOAD} B QoS 1");
+    for setup in [Setup::Direct, Setup::Bridgehead, Setup::MosquittoBridge] {
+        let o = burst(setup, total, publishers).await;
+        print_row(&burst_name, setup, &o);
+    }
+    for setup in [Setup::Bridgehead, Setup::MosquittoBridge] {
+        let o = link_cut(setup).await;
+        print_row("2k msg/s, 4 s link cut", setup, &o);
+    }
+    for setup in [Setup::Bridgehead, Setup::MosquittoBridge] {
+        let o = kill9(setup).await;
+        print_row("link down, kill -9, 10k", setup, &o);
+    }
+}

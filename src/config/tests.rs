@@ -1,0 +1,383 @@
+use std::ffi::OsStr;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::*;
+
+const MINIMAL: &str = r#"
+[gateway]
+id = "gw-9"
+
+[cloud]
+url = "mqtt://127.0.0.1"
+"#;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    parse_with(
+        "test.toml",
+        text,
+        Some(OsStr::new("/state/bh:/state/other")),
+    )
+}
+
+/// The problems as printed, one string per line.
+fn problems(text: &str) -> Vec<String> {
+    match parse(text) {
+        Ok(config) => panic!("expected problems, got {config:?}"),
+        Err(error) => error.to_string().lines().map(str::to_owned).collect(),
+    }
+}
+
+fn addr(text: &str) -> SocketAddr {
+    text.parse().expect("test address")
+}
+
+#[test]
+fn a_minimal_file_gets_every_default() {
+    let expected = Config {
+        gateway: GatewayConfig {
+            id: "gw-9".into(),
+            data_dir: PathBuf::from("/state/bh"),
+            metrics_topic: "bridgehead/gw-9/metrics".into(),
+            metrics_interval: Duration::from_secs(10),
+        },
+        local: LocalConfig {
+            listen: addr("0.0.0.0:1883"),
+            listen_v5: None,
+            max_payload: 256 * 1024,
+            max_connections: 1000,
+            connect_timeout: Duration::from_secs(10),
+        },
+        cloud: CloudConfig {
+            url: CloudUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1883,
+            },
+            client_id: "gw-9".into(),
+            command_client_id: "gw-9-cmd".into(),
+            keep_alive: Duration::from_secs(30),
+            max_packet_size: 256 * 1024,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password_file: None,
+            status_topic: "fleet/gw-9/status".into(),
+            max_inflight: 100,
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+        },
+        queue: QueueConfig {
+            max_size: 1 << 30,
+            when_full: WhenFull::DropOldest,
+            max_age: Duration::from_secs(7 * 86_400),
+            commit_interval: Duration::from_millis(20),
+            commit_batch: 1000,
+            fsync: true,
+        },
+        uplink: vec![],
+        downlink: vec![],
+    };
+    assert_eq!(parse(MINIMAL), Ok(expected));
+}
+
+#[test]
+fn the_contract_example_parses_with_the_gateway_id_substituted() {
+    let text = format!(
+        r##"{MINIMAL}
+client_id = "{{gateway_id}}-telemetry"
+status_topic = "fleet/{{gateway_id}}/state"
+
+[local]
+listen = "127.0.0.1:1883"
+listen_v5 = "[::]:1884"
+max_payload = 65536
+
+[queue]
+max_size = "10MB"
+when_full = "reject-new"
+synchronous = "normal"
+commit_interval = "1ms"
+
+[[uplink]]
+topic = "warehouse/#"
+remote_prefix = "fleet/{{gateway_id}}/"
+qos = 1
+
+[[uplink]]
+topic = "dock/+/door"
+qos = 0
+
+[[downlink]]
+topic = "#"
+remote_prefix = "fleet/{{gateway_id}}/cmd/"
+local_prefix = "cmd/"
+"##
+    );
+    let config = parse(&text).expect("valid config");
+    assert_eq!(config.cloud.client_id, "gw-9-telemetry");
+    assert_eq!(config.cloud.command_client_id, "gw-9-telemetry-cmd");
+    assert_eq!(config.cloud.status_topic, "fleet/gw-9/state");
+    assert_eq!(config.local.listen_v5, Some(addr("[::]:1884")));
+    assert_eq!(config.local.max_payload, 65536);
+    assert_eq!(config.queue.max_size, 10_000_000);
+    assert_eq!(config.queue.when_full, WhenFull::RejectNew);
+    assert!(!config.queue.fsync);
+    assert_eq!(
+        config.uplink,
+        [
+            UplinkRule {
+                topic: "warehouse/#".into(),
+                remote_prefix: "fleet/gw-9/".into(),
+                qos: Qos::AtLeastOnce
+            },
+            UplinkRule {
+                topic: "dock/+/door".into(),
+                remote_prefix: "".into(),
+                qos: Qos::AtMostOnce
+            },
+        ]
+    );
+    assert_eq!(
+        config.downlink,
+        [DownlinkRule {
+            topic: "#".into(),
+            remote_prefix: "fleet/gw-9/cmd/".into(),
+            local_prefix: "cmd/".into(),
+            qos: Qos::AtLeastOnce,
+        }]
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_line_and_key() {
+    let text = r#"[gateway]
+id = "gw 1"
+metrics_interval = 10
+
+[local]
+listen = "localhost:1883"
+max_connections = 0
+
+[cloud]
+url = "tcp://broker:1883"
+keep_alive = "2s"
+reconnect_min = "10s"
+reconnect_max = "5s"
+max_inflight = 70000
+command_client_id = "same"
+client_id = "same"
+[queue]
+max_size = "1 gigabyte"
+when_full = "drop-newest"
+commit_interval = "1m"
+synchronous = "off"
+
+[[uplink]]
+remote_prefix = "up/+/"
+qos = 2
+
+[[downlink]]
+topic = "a/#/b"
+qos = 5
+"#;
+    let id_why = "contains whitespace or a control character; the id is used in topics and client ids, so it may not";
+    assert_eq!(
+        problems(text),
+        [
+            format!(r#"test.toml:2: gateway.id: "gw 1" {id_why}"#),
+            r#"test.toml:3: gateway.metrics_interval: 10 has no unit; write a duration like "500ms", "30s", "5m", "2h" or "7d""#.into(),
+            r#"test.toml:6: local.listen: "localhost:1883" is not an IP address and port like "0.0.0.0:1883" or "[::]:1883""#.into(),
+            "test.toml:7: local.max_connections: 0 is out of range; accepted: 1 to 1000000".into(),
+            r#"test.toml:10: cloud.url: "tcp://broker:1883" is not an MQTT URL; accepted: mqtt://host[:port] (plain TCP, default port 1883) or mqtts://host[:port] (TLS, default port 8883)"#.into(),
+            r#"test.toml:11: cloud.keep_alive: "2s" is out of range; accepted: 5s to 18h 12m 15s"#.into(),
+            r#"test.toml:13: cloud.reconnect_max: "5s" is out of range; accepted: at least 10s"#.into(),
+            "test.toml:14: cloud.max_inflight: 70000 is out of range; accepted: 1 to 65535".into(),
+            r#"test.toml:15: cloud.command_client_id: "same" is also cloud.client_id; the command connection needs a client id of its own"#.into(),
+            r#"test.toml:18: queue.max_size: "1 gigabyte" is not a size like "64KiB", "256KiB", "1GiB", "10MB", or a number of bytes"#.into(),
+            r#"test.toml:19: queue.when_full: "drop-newest" is not one of drop-oldest, reject-new"#.into(),
+            r#"test.toml:20: queue.commit_interval: "1m" is out of range; accepted: 1ms to 10s"#.into(),
+            r#"test.toml:21: queue.synchronous: "off" is not one of full, normal"#.into(),
+            r#"test.toml:23: uplink[1].topic: missing; every rule needs a topic filter, like topic = "warehouse/#""#.into(),
+            r#"test.toml:24: uplink[1].remote_prefix: "up/+/" contains '+', '#' or NUL; a prefix is plain topic text"#.into(),
+            "test.toml:25: uplink[1].qos: 2 is not accepted: QoS 2 is not supported upstream: delivery to the cloud is at-least-once from the durable outbox (a message may be resent after a reconnect); accepted: 0 or 1".into(),
+            r#"test.toml:28: downlink[1].topic: "a/#/b" is not a topic filter: it '#' is allowed only as the last level"#.into(),
+            "test.toml:29: downlink[1].qos: 5 is not a QoS level; accepted: 0 or 1".into(),
+        ]
+    );
+}
+
+#[test]
+fn missing_required_keys_point_at_their_table_or_line_one() {
+    assert_eq!(
+        problems("# nothing here\n\n[cloud]\nkeep_alive = \"30s\"\n"),
+        [
+            r#"test.toml:1: gateway.id: missing; every gateway needs a unique id, like id = "gw-001""#,
+            r#"test.toml:3: cloud.url: missing; name the cloud broker, like url = "mqtts://iot.example.com:8883""#,
+        ]
+    );
+}
+
+#[test]
+fn unknown_keys_are_all_reported_with_what_is_accepted() {
+    let text = format!("{MINIMAL}urll = \"x\"\n[[uplink]]\ntopic = \"a\"\nprefix = \"b\"\n\n[[modbus]]\nname = \"m\"\n");
+    assert_eq!(
+        problems(&text),
+        [
+            "test.toml:7: cloud.urll: unknown key; the keys accepted here are url, client_id, command_client_id, keep_alive, max_packet_size, ca_file, cert_file, key_file, username, password_file, status_topic, max_inflight, reconnect_min, reconnect_max",
+            "test.toml:10: uplink[1].prefix: unknown key; the keys accepted here are topic, remote_prefix, qos",
+            "test.toml:12: modbus: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink",
+        ]
+    );
+}
+
+#[test]
+fn a_wrong_toml_type_is_reported_with_the_unknown_keys_seen() {
+    let text = format!(
+        "{MINIMAL}bogus = 1\n[[uplink]]\ntopic = \"a\"\n[[uplink]]\ntopic = \"b\"\nqos = \"1\"\n"
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            "test.toml:7: cloud.bogus: unknown key; the keys accepted here are url, client_id, command_client_id, keep_alive, max_packet_size, ca_file, cert_file, key_file, username, password_file, status_topic, max_inflight, reconnect_min, reconnect_max",
+            r#"test.toml:12: uplink[2].qos: invalid type: string "1", expected an integer"#,
+        ]
+    );
+}
+
+#[test]
+fn a_syntax_error_names_line_and_column() {
+    assert_eq!(
+        problems("[gateway]\nid = \"gw\"\nlisten = 0.0.0.0:1883\n"),
+        ["test.toml:3: not valid TOML at column 13: expected newline, `#`"]
+    );
+}
+
+#[test]
+fn a_loop_between_uplink_and_downlink_names_both_rules() {
+    let text = format!(
+        r##"{MINIMAL}
+[[uplink]]
+topic = "warehouse/#"
+remote_prefix = "fleet/{{gateway_id}}/"
+
+[[uplink]]
+topic = "cmd/#"
+remote_prefix = "fleet/{{gateway_id}}/"
+
+[[downlink]]
+topic = "#"
+remote_prefix = "fleet/{{gateway_id}}/cmd/"
+
+[[downlink]]
+topic = "+/status"
+remote_prefix = "fleet/"
+"##
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            r#"test.toml:13: uplink[2].topic: the cloud topics of this rule, "fleet/gw-9/cmd/#" (remote_prefix + topic), can match downlink[1]'s cloud subscription "fleet/gw-9/cmd/#" (line 17): a message sent up would come back down as a command and be sent up again; change a remote_prefix or narrow a topic"#,
+            r#"test.toml:21: downlink[2].topic: the cloud subscription "fleet/+/status" matches cloud.status_topic "fleet/gw-9/status": the gateway's own online/offline messages would arrive as commands"#,
+        ]
+    );
+}
+
+#[test]
+fn a_downlink_subscription_must_be_a_valid_filter_once_prefixed() {
+    let text = format!("{MINIMAL}\n[[downlink]]\ntopic = \"#\"\nremote_prefix = \"cmd\"\n");
+    assert_eq!(
+        problems(&text),
+        [
+            r#"test.toml:9: downlink[1].topic: the cloud subscription "cmd#" (remote_prefix + topic) level "cmd#" mixes a wildcard with other characters; '+' and '#' must stand alone between '/'; end remote_prefix with '/' or start topic with one"#
+        ]
+    );
+}
+
+#[test]
+fn tls_files_must_exist_hold_pem_and_need_mqtts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("test certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let garbage = dir.path().join("garbage.pem");
+    let missing = dir.path().join("missing.pem");
+    std::fs::write(&cert, generated.cert.pem()).expect("write cert");
+    std::fs::write(&key, generated.key_pair.serialize_pem()).expect("write key");
+    std::fs::write(&garbage, "not a certificate\n").expect("write garbage");
+
+    let tls = |extra: &str| {
+        format!("[gateway]\nid = \"gw\"\n[cloud]\nurl = \"mqtts://localhost\"\n{extra}")
+    };
+    let good = tls(&format!("ca_file = {cert:?}\ncert_file = {cert:?}\nkey_file = {key:?}\nusername = \"u\"\npassword_file = {key:?}\n"));
+    let config = parse(&good).expect("valid TLS config");
+    assert_eq!(config.cloud.ca_file, Some(cert.clone()));
+    assert_eq!(config.cloud.key_file, Some(key.clone()));
+    assert_eq!(config.cloud.password_file, Some(key.clone()));
+
+    let bad = tls(&format!(
+        "ca_file = {garbage:?}\ncert_file = {key:?}\npassword_file = {missing:?}\n"
+    ));
+    assert_eq!(
+        problems(&bad),
+        [
+            format!("test.toml:5: cloud.ca_file: {garbage:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+            format!("test.toml:6: cloud.cert_file: {key:?} holds no PEM certificate (-----BEGIN CERTIFICATE-----)"),
+            "test.toml:6: cloud.cert_file: set alone; a client certificate needs its private key: set both cert_file and key_file, or neither".into(),
+            "test.toml:7: cloud.password_file: set without cloud.username; MQTT sends a password only with a user name".into(),
+            format!("test.toml:7: cloud.password_file: cannot read {missing:?}: No such file or directory (os error 2)"),
+        ]
+    );
+
+    let plain = format!("{MINIMAL}ca_file = {cert:?}\n");
+    assert_eq!(
+        problems(&plain),
+        ["test.toml:7: cloud.ca_file: has no effect with a plain mqtt:// cloud.url; use mqtts:// for TLS, or remove ca_file"]
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_named() {
+    let error =
+        load(std::path::Path::new("/nonexistent/bridgehead.toml")).expect_err("no such file");
+    assert_eq!(
+        error.to_string(),
+        "/nonexistent/bridgehead.toml: cannot read the config file: No such file or directory (os error 2)"
+    );
+    assert_eq!(error.problems[0].line, None);
+}
+
+/// The shipped file is the manual: every default it shows must be the real one.
+#[test]
+fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
+    let shipped = include_str!("../../config/bridgehead.toml");
+    let examples = [
+        "data_dir",
+        "listen_v5",
+        "ca_file",
+        "cert_file",
+        "key_file",
+        "username",
+        "password_file",
+    ];
+    let mut uncommented_keys = 0;
+    let with_defaults: String = shipped
+        .lines()
+        .map(|line| {
+            let setting = line.strip_prefix("# ").filter(|rest| {
+                let key = rest.split(" = ").next().unwrap_or_default();
+                rest.contains(" = ")
+                    && key.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                    && !examples.contains(&key)
+            });
+            uncommented_keys += usize::from(setting.is_some());
+            format!("{}\n", setting.unwrap_or(line))
+        })
+        .collect();
+    assert_eq!(uncommented_keys, 20);
+    let config = parse(shipped).expect("the shipped config is valid");
+    assert_eq!(parse(&with_defaults), Ok(config));
+}
