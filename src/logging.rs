@@ -1,6 +1,8 @@
 //! Logging to journald when systemd started us (its stream is on stderr), to stderr
 //! otherwise; and the one signal rumqttd gives of lost data, turned into counters.
 
+use std::io::IsTerminal;
+
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::Targets;

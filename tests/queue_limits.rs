@@ -1,0 +1,217 @@
+//! The outbox is bounded: by size (drop-oldest or reject-new), by age, and a message the
+//! cloud can never take is dead-lettered instead of blocking the rest. Counts are exact.
+//!
+//! A row's size is its local topic plus its payload, in bytes.
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+use support::{
+    counter, publish_all, Collector, Expected, Gateway, GatewayConfig, Mosquitto, Proxy, QoS,
+    CLOUD_PREFIX, TELEMETRY_FILTER,
+};
+
+/// 11 bytes of topic + 989 of payload = 1000-byte rows: 65 fit in 64 KiB (65 536
+/// bytes), 66 do not, whichever side of the boundary the gateway counts on.
+const TOPIC: &str = "warehouse/q";
+const ROW: usize = 1000;
+const MAX_SIZE: &str = "64KiB";
+const FIT: usize = 65_536 / ROW;
+
+/// A payload of `len` bytes that starts with its sequence number.
+fn payload(seq: usize, len: usize) -> Vec<u8> {
+    let mut payload = format!("{seq:06}").into_bytes();
+    payload.resize(len, b'x');
+    payload
+}
+
+fn rows(topic: &str, seqs: impl Iterator<Item = usize>, len: usize) -> Vec<(String, Vec<u8>)> {
+    seqs.map(|seq| (topic.to_string(), payload(seq, len)))
+        .collect()
+}
+
+fn expected(messages: &[(String, Vec<u8>)]) -> Expected {
+    let mut expected = Expected::new();
+    for (topic, payload) in messages {
+        expected
+            .entry(format!("{CLOUD_PREFIX}{topic}"))
+            .or_default()
+            .push(String::from_utf8(payload.clone()).expect("ASCII payload"));
+    }
+    expected
+}
+
+/// The cloud, a collector, and a gateway behind a link that starts cut.
+struct Site {
+    _cloud: Mosquitto,
+    collector: Collector,
+    link: Proxy,
+    gateway: Gateway,
+}
+
+impl Site {
+    async fn offline(configure: impl FnOnce(GatewayConfig) -> GatewayConfig) -> Self {
+        let cloud = Mosquitto::start();
+        let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+        let link = Proxy::start(cloud.port).await;
+        link.cut();
+        let gateway = Gateway::start(configure(GatewayConfig::new(link.port)));
+        Site {
+            _cloud: cloud,
+            collector,
+            link,
+            gateway,
+        }
+    }
+
+    async fn publish(&self, messages: &[(String, Vec<u8>)]) {
+        publish_all(
+            self.gateway.local_port,
+            "sensor",
+            QoS::AtLeastOnce,
+            messages.to_vec(),
+        )
+        .await;
+    }
+
+    /// Waits until the gateway received `n` messages and its outbox settled.
+    async fn wait_received(&self, n: u64) -> Value {
+        self.gateway
+            .wait_status(Duration::from_secs(10), &format!("{n} received"), |s| {
+                counter(s, "received") == n
+            })
+            .await;
+        // Several group commits and status rewrites later, the counts are final.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        self.gateway.status().expect("status.json")
+    }
+
+    /// Restores the link and waits until the outbox is empty and `n` messages arrived.
+    async fn drain(&self, n: usize) {
+        self.link.restore();
+        assert!(
+            self.collector
+                .wait_for_count(n, Duration::from_secs(20))
+                .await,
+            "only {} of {n} messages reached the cloud",
+            self.collector.distinct()
+        );
+        self.gateway
+            .wait_status(Duration::from_secs(10), "with an empty outbox", |s| {
+                s["queue"]["rows"] == 0
+            })
+            .await;
+        // Anything that should not arrive would have by now.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_drops_the_oldest_messages_and_counts_them() {
+    let _serial = support::serial().await;
+    let site = Site::offline(|c| {
+        c.set_str("queue", "max_size", MAX_SIZE)
+            .set_str("queue", "when_full", "drop-oldest")
+    })
+    .await;
+    let n = 100;
+    let sent = rows(TOPIC, 0..n, ROW - TOPIC.len());
+
+    site.publish(&sent).await;
+    let status = site.wait_received(n as u64).await;
+    assert_eq!(status["queue"]["rows"], FIT, "{status}");
+    assert_eq!(status["queue"]["bytes"], FIT * ROW, "{status}");
+    site.drain(FIT).await;
+
+    site.collector
+        .deliveries()
+        .assert_exactly(&expected(&sent[n - FIT..]));
+    let status = site.gateway.status().expect("status.json");
+    assert_eq!(
+        counter(&status, "dropped_full"),
+        (n - FIT) as u64,
+        "{status}"
+    );
+    assert_eq!(counter(&status, "rejected_full"), 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_outbox_rejects_new_messages_and_counts_them() {
+    let _serial = support::serial().await;
+    let site = Site::offline(|c| {
+        c.set_str("queue", "max_size", MAX_SIZE)
+            .set_str("queue", "when_full", "reject-new")
+    })
+    .await;
+    let n = 100;
+    let sent = rows(TOPIC, 0..n, ROW - TOPIC.len());
+
+    site.publish(&sent).await;
+    let status = site.wait_received(n as u64).await;
+    assert_eq!(status["queue"]["rows"], FIT, "{status}");
+    assert_eq!(status["queue"]["bytes"], FIT * ROW, "{status}");
+    site.drain(FIT).await;
+
+    site.collector
+        .deliveries()
+        .assert_exactly(&expected(&sent[..FIT]));
+    let status = site.gateway.status().expect("status.json");
+    assert_eq!(
+        counter(&status, "rejected_full"),
+        (n - FIT) as u64,
+        "{status}"
+    );
+    assert_eq!(counter(&status, "dropped_full"), 0, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_max_age_expire_while_the_link_is_down() {
+    let _serial = support::serial().await;
+    let site = Site::offline(|c| c.set_str("queue", "max_age", "3s")).await;
+    let old = rows("warehouse/age/old", 0..20, 50);
+    let new = rows("warehouse/age/new", 0..20, 50);
+
+    site.publish(&old).await;
+    site.gateway
+        .wait_status(
+            Duration::from_secs(15),
+            "with the old messages expired",
+            |s| counter(s, "expired") == 20 && s["queue"]["rows"] == 0,
+        )
+        .await;
+    site.publish(&new).await;
+    site.wait_received(40).await;
+    site.drain(new.len()).await;
+
+    site.collector.deliveries().assert_exactly(&expected(&new));
+    let status = site.gateway.status().expect("status.json");
+    assert_eq!(counter(&status, "expired"), 20, "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_cloud_cannot_take_is_dead_lettered_and_the_rest_flows() {
+    let _serial = support::serial().await;
+    let site = Site::offline(|c| c.set_str("cloud", "max_packet_size", "1KiB")).await;
+    let topic = "warehouse/line/scanner";
+    let mut sent = rows(topic, 0..5, 100);
+    sent.push((topic.to_string(), payload(5, 4096)));
+    sent.extend(rows(topic, 6..16, 100));
+
+    site.publish(&sent).await;
+    site.wait_received(16).await;
+    site.drain(15).await;
+
+    let small: Vec<_> = sent
+        .iter()
+        .filter(|(_, p)| p.len() == 100)
+        .cloned()
+        .collect();
+    site.collector
+        .deliveries()
+        .assert_exactly(&expected(&small));
+    let status = site.gateway.status().expect("status.json");
+    assert_eq!(counter(&status, "dead_lettered"), 1, "{status}");
+    assert_eq!(counter(&status, "forwarded"), 15, "{status}");
+}

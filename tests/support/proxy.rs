@@ -1,0 +1,119 @@
+//! A TCP proxy between the gateway and the cloud broker that a test can cut and restore.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// How long a cut link swallows traffic before its connections close: like a real outage,
+/// what was on the wire when the link went down never arrives.
+const BLACKHOLE: Duration = Duration::from_millis(300);
+
+/// Forwards 127.0.0.1:`port` to 127.0.0.1:`target`. On a cut, live connections lose
+/// whatever is sent for [`BLACKHOLE`], then close both ways; while cut, new connections
+/// are accepted and dropped at once.
+pub struct Proxy {
+    pub port: u16,
+    cut: watch::Sender<bool>,
+    forwarded: Arc<AtomicUsize>,
+    listener: JoinHandle<()>,
+}
+
+impl Proxy {
+    /// Must be called inside a tokio runtime (the proxy's tasks run on it).
+    pub async fn start(target: u16) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binding the proxy");
+        let port = listener.local_addr().expect("proxy address").port();
+        let (cut, cut_rx) = watch::channel(false);
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let counter = forwarded.clone();
+        let listener = tokio::spawn(async move {
+            loop {
+                let Ok((inbound, _)) = listener.accept().await else {
+                    continue;
+                };
+                if *cut_rx.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                tokio::spawn(forward(inbound, target, cut_rx.clone(), counter.clone()));
+            }
+        });
+        Proxy {
+            port,
+            cut,
+            forwarded,
+            listener,
+        }
+    }
+
+    /// The link goes down: live connections go silent, then close; new ones are refused.
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// The link comes back.
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+
+    /// Connections that reached the target so far (none refused while cut, none the
+    /// target refused).
+    pub fn connections(&self) -> usize {
+        self.forwarded.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.cut.send_replace(true);
+        self.listener.abort();
+    }
+}
+
+async fn forward(
+    inbound: TcpStream,
+    target: u16,
+    mut cut: watch::Receiver<bool>,
+    forwarded: Arc<AtomicUsize>,
+) {
+    let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
+        return;
+    };
+    forwarded.fetch_add(1, Ordering::SeqCst);
+    let _ = inbound.set_nodelay(true);
+    let _ = outbound.set_nodelay(true);
+    let (in_read, in_write) = inbound.into_split();
+    let (out_read, out_write) = outbound.into_split();
+    tokio::select! {
+        _ = pump(in_read, out_write, cut.clone()) => {}
+        _ = pump(out_read, in_write, cut.clone()) => {}
+        _ = async {
+            let _ = cut.wait_for(|cut| *cut).await;
+            tokio::time::sleep(BLACKHOLE).await;
+        } => {}
+    }
+    // Dropping both streams closes both directions at the same moment.
+}
+
+/// Copies one direction; once the link is cut, what arrives is lost.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: watch::Receiver<bool>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if !*cut.borrow() && to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
