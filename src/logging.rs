@@ -40,6 +40,7 @@ pub fn init(health: SharedHealth) {
             .with(
                 tracing_subscriber::fmt::layer()
                     .with_writer(std::io::stderr)
+                    .with_ansi(std::io::stderr().is_terminal())
                     .with_filter(filter),
             )
             .init(),
