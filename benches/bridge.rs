@@ -3,7 +3,9 @@
 //! with the link down. Prints one table; `scripts/bench` runs it, the README quotes it.
 //!
 //! Sizes can be changed with BENCH_MESSAGES (burst size, default 100000) and
-//! BENCH_PUBLISHERS (default 4).
+//! BENCH_PUBLISHERS (default 4); BENCH_ONLY=burst runs the burst alone,
+//! BENCH_ONLY=split measures the local side and the uplink apart; BENCH_INFLIGHT sets
+//! bridgehead's cloud.max_inflight.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -48,9 +50,7 @@ impl Local {
     fn start(setup: Setup, cloud_port: u16) -> Local {
         match setup {
             Setup::Direct => Local::Direct(cloud_port),
-            Setup::Bridgehead => Local::Bridgehead(Gateway::start(
-                GatewayConfig::new(cloud_port).set_str("gateway", "metrics_interval", "1s"),
-            )),
+            Setup::Bridgehead => Local::Bridgehead(Gateway::start(bench_config(cloud_port))),
             Setup::MosquittoBridge => Local::Mosquitto(LocalMosquitto::start(cloud_port)),
         }
     }
@@ -95,6 +95,15 @@ impl Local {
                 m.spawn();
             }
         }
+    }
+}
+
+/// The test defaults; BENCH_INFLIGHT overrides cloud.max_inflight.
+fn bench_config(cloud_port: u16) -> GatewayConfig {
+    let config = GatewayConfig::new(cloud_port).set_str("gateway", "metrics_interval", "1s");
+    match std::env::var("BENCH_INFLIGHT") {
+        Ok(n) => config.set("cloud", "max_inflight", &n),
+        Err(_) => config,
     }
 }
 
@@ -335,6 +344,60 @@ async fn kill9(setup: Setup) -> Outcome {
     )
 }
 
+/// What bounds bridgehead: the local side alone (link down: devices -> outbox on disk), then
+/// the uplink alone (link restored: outbox -> cloud).
+async fn split(total: usize, publishers: usize) {
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, CLOUD_FILTER).await;
+    let proxy = Proxy::start(cloud.port).await;
+    let gateway =
+        Gateway::start(bench_config(proxy.port).set_str("gateway", "metrics_interval", "100ms"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.cut();
+    let port = gateway.local_port;
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..publishers)
+        .map(|p| {
+            let batch = messages("", p, total / publishers);
+            tokio::spawn(async move {
+                publish_all(port, &format!("device-{p}"), QoS::AtLeastOnce, batch).await
+            })
+        })
+        .collect();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let accepted = start.elapsed().as_secs_f64();
+    let enqueued = || {
+        gateway
+            .status()
+            .map(|s| support::counter(&s, "enqueued"))
+            .unwrap_or(0)
+    };
+    support::wait_until(Duration::from_secs(60), || enqueued() >= total as u64).await;
+    let on_disk = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    proxy.restore();
+    let done = settle(
+        &collector,
+        total,
+        Duration::from_secs(5),
+        Duration::from_secs(120),
+    )
+    .await;
+    let drained = done.duration_since(start).as_secs_f64();
+    println!(
+        "local side, link down: {total} accepted by the broker in {accepted:.2} s ({:.0} msg/s), all on disk after {on_disk:.2} s ({:.0} msg/s)",
+        total as f64 / accepted,
+        total as f64 / on_disk
+    );
+    println!(
+        "uplink alone: backlog of {} delivered to the cloud in {drained:.2} s ({:.0} msg/s, incl. reconnect)",
+        collector.distinct(),
+        collector.distinct() as f64 / drained
+    );
+}
+
 fn print_row(workload: &str, setup: Setup, o: &Outcome) {
     let lost = o.sent.saturating_sub(o.arrived);
     println!(
@@ -362,12 +425,20 @@ async fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(4);
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    if only == "split" {
+        split(total, publishers).await;
+        return;
+    }
     println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB |");
     println!("|----------------------------|-----------------------------|---------|---------|------------------|------|---------|----------|---------|");
     let burst_name = format!("burst {total} x {PAYLOAD} B QoS 1");
     for setup in [Setup::Direct, Setup::Bridgehead, Setup::MosquittoBridge] {
         let o = burst(setup, total, publishers).await;
         print_row(&burst_name, setup, &o);
+    }
+    if only == "burst" {
+        return;
     }
     for setup in [Setup::Bridgehead, Setup::MosquittoBridge] {
         let o = link_cut(setup).await;

@@ -211,3 +211,37 @@ mod tests {
         assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }
+
+/// Says once that a link went down, then at most once a minute that it is still down, so a
+/// long outage does not flood the journal.
+#[derive(Debug)]
+pub struct OutageLog {
+    failures: u64,
+    limit: crate::health::RateLimit,
+}
+
+impl Default for OutageLog {
+    fn default() -> Self {
+        OutageLog {
+            failures: 0,
+            limit: crate::health::RateLimit::new(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl OutageLog {
+    /// Records a failed attempt or a lost connection; true when it should be logged now.
+    pub fn failed(&mut self, was_up: bool) -> bool {
+        if was_up {
+            self.failures = 0;
+            self.limit = crate::health::RateLimit::new(Duration::from_secs(60));
+        }
+        self.failures += 1;
+        self.limit.check().is_some()
+    }
+
+    /// Failed attempts since the link was last up.
+    pub fn failures(&self) -> u64 {
+        self.failures
+    }
+}

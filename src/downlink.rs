@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::broker::Link;
-use crate::cloud::{error_chain, CloudLink};
+use crate::cloud::{error_chain, CloudLink, OutageLog};
 use crate::config::DownlinkRule;
 use crate::health::{inc, LinkState, RateLimit, SharedHealth};
 use crate::topics;
@@ -58,6 +58,7 @@ impl Downlink {
             return Ok(());
         }
         let mut backoff = self.cloud.backoff();
+        let mut outage = OutageLog::default();
         let mut handed = Handed::default();
         let mut pkid = 0u16;
         loop {
@@ -81,8 +82,11 @@ impl Downlink {
                     }
                     let delay = backoff.next_delay();
                     self.health.commands.set(LinkState::BackingOff);
-                    warn!(client_id = %self.cloud.config.command_client_id, error = %error,
-                        retry_in = ?delay, "cloud command link down; the cloud keeps commands for us");
+                    if outage.failed(was_up) {
+                        warn!(client_id = %self.cloud.config.command_client_id, error = %error,
+                            failed_attempts = outage.failures(), retry_in = ?delay,
+                            "cloud command link down; the cloud keeps commands for us");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.changed() => return Ok(()),

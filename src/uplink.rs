@@ -13,7 +13,7 @@ use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, Outgoi
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use crate::cloud::{error_chain, CloudLink};
+use crate::cloud::{error_chain, CloudLink, OutageLog};
 use crate::health::{add, inc, LinkState, SharedHealth};
 use crate::outbox::{OutboxHandle, Row};
 
@@ -44,6 +44,7 @@ enum End {
 impl Uplink {
     pub async fn run(mut self) {
         let mut backoff = self.cloud.backoff();
+        let mut outage = OutageLog::default();
         loop {
             self.health.telemetry.set(LinkState::Connecting);
             let (client, eventloop) = self.connect();
@@ -56,12 +57,15 @@ impl Uplink {
                     }
                     let delay = backoff.next_delay();
                     self.health.telemetry.set(LinkState::BackingOff);
-                    warn!(
-                        client_id = %self.cloud.config.client_id,
-                        error = %error,
-                        retry_in = ?delay,
-                        "cloud telemetry link down; messages stay queued in the outbox"
-                    );
+                    if outage.failed(was_up) {
+                        warn!(
+                            client_id = %self.cloud.config.client_id,
+                            error = %error,
+                            failed_attempts = outage.failures(),
+                            retry_in = ?delay,
+                            "cloud telemetry link down; messages stay queued in the outbox"
+                        );
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shutdown.changed() => return,
