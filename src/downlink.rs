@@ -53,10 +53,6 @@ impl Downlink {
     /// Runs until shutdown; an error means the local broker can no longer take commands and
     /// the gateway must restart.
     pub async fn run(mut self) -> Result<(), DownlinkError> {
-        if self.rules.is_empty() {
-            info!("no [[downlink]] rules: no command connection to the cloud");
-            return Ok(());
-        }
         let mut backoff = self.cloud.backoff();
         let mut outage = OutageLog::default();
         let mut handed = Handed::default();

@@ -13,6 +13,8 @@ pub enum LinkState {
     Connecting = 0,
     Up = 1,
     BackingOff = 2,
+    /// Not configured (no rules need this connection).
+    Off = 3,
 }
 
 impl LinkState {
@@ -20,6 +22,7 @@ impl LinkState {
         match v {
             1 => LinkState::Up,
             2 => LinkState::BackingOff,
+            3 => LinkState::Off,
             _ => LinkState::Connecting,
         }
     }
@@ -29,6 +32,7 @@ impl LinkState {
             LinkState::Connecting => "connecting",
             LinkState::Up => "up",
             LinkState::BackingOff => "backing_off",
+            LinkState::Off => "off",
         }
     }
 }

@@ -93,16 +93,22 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         }
         .run(),
     );
-    let mut downlink = tokio::spawn(
-        downlink::Downlink {
-            cloud,
-            rules: config.downlink.clone(),
-            link: command_link,
-            health: health.clone(),
-            shutdown: shutdown.clone(),
-        }
-        .run(),
-    );
+    // Without [[downlink]] rules there is no command connection at all.
+    if config.downlink.is_empty() {
+        health.commands.set(health::LinkState::Off);
+    }
+    let mut downlink = (!config.downlink.is_empty()).then(|| {
+        tokio::spawn(
+            downlink::Downlink {
+                cloud,
+                rules: config.downlink.clone(),
+                link: command_link,
+                health: health.clone(),
+                shutdown: shutdown.clone(),
+            }
+            .run(),
+        )
+    });
     let reporter = tokio::spawn(health::run_reporter(
         health.clone(),
         config.gateway.id.clone(),
@@ -117,7 +123,12 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
 
     let fatal = tokio::select! {
         signal = wait_for_signal() => { info!(%signal, "shutting down"); None }
-        result = &mut downlink => Some(match result {
+        result = async {
+            match downlink.as_mut() {
+                Some(task) => task.await,
+                None => std::future::pending().await,
+            }
+        } => Some(match result {
             Ok(Err(e)) => anyhow::Error::new(e),
             Ok(Ok(())) => anyhow::anyhow!("the command link stopped"),
             Err(e) => anyhow::Error::new(e),
@@ -130,8 +141,8 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
             warn!(error = %e, "closing the outbox");
         }
         let _ = uplink.await;
-        if fatal.is_none() {
-            let _ = downlink.await;
+        if let (None, Some(task)) = (&fatal, downlink) {
+            let _ = task.await;
         }
         let _ = reporter.await;
     })

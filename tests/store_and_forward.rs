@@ -234,3 +234,27 @@ fn assert_nothing_lost_and_duplicates_bounded(
         deliveries.duplicates
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_without_downlink_rules_forwards_and_keeps_running() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let mut gateway = Gateway::start(config(cloud.port).without_downlink());
+    gateway
+        .wait_status(Duration::from_secs(20), "telemetry up, commands off", |s| {
+            s["cloud"]["telemetry"] == "up" && s["cloud"]["commands"] == "off"
+        })
+        .await;
+
+    let expected = telemetry_burst(gateway.local_port, 1, 100, Duration::ZERO).await;
+    assert!(collector.wait_for_count(100, Duration::from_secs(20)).await);
+    collector.deliveries().assert_exactly(&expected);
+    assert!(
+        gateway.is_running(),
+        "the gateway stopped:\n{}",
+        gateway.log()
+    );
+    let (status, _) = gateway.terminate();
+    assert!(status.success(), "exit status {status}");
+}

@@ -95,6 +95,12 @@ impl GatewayConfig {
         self.set(section, key, &quoted)
     }
 
+    /// Drops the default `[[downlink]]` rule: no command connection.
+    pub fn without_downlink(mut self) -> Self {
+        self.tail.retain(|t| !t.starts_with("[[downlink]]"));
+        self
+    }
+
     /// Appends raw TOML after the rules (more `[[uplink]]` tables, say).
     pub fn append(mut self, raw: &str) -> Self {
         self.tail.push(raw.to_string());
