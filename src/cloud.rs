@@ -77,11 +77,15 @@ impl CloudLink {
         options
     }
 
-    pub fn backoff(&self) -> Backoff {
-        Backoff {
-            min: self.config.reconnect_min,
-            max: self.config.reconnect_max,
-            attempt: 0,
+    pub fn reconnect(&self) -> Reconnect {
+        Reconnect {
+            backoff: Backoff {
+                min: self.config.reconnect_min,
+                max: self.config.reconnect_max,
+                attempt: 0,
+            },
+            failures: 0,
+            log: crate::health::RateLimit::new(Duration::from_secs(60)),
         }
     }
 }
@@ -193,6 +197,48 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// What a cloud connection does between losing the link and the next attempt: count it,
+/// back off, and say so once when the link goes down, then at most once a minute while it
+/// stays down, so a long outage does not flood the journal.
+pub struct Reconnect {
+    backoff: Backoff,
+    failures: u64,
+    log: crate::health::RateLimit,
+}
+
+impl Reconnect {
+    /// Records a lost connection or failed attempt and sleeps the backoff; false when
+    /// shutdown came first.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn after_failure(
+        &mut self,
+        health: &crate::health::Health,
+        state: &crate::health::SharedLinkState,
+        client_id: &str,
+        what: &str,
+        error: &str,
+        was_up: bool,
+        shutdown: &mut tokio::sync::watch::Receiver<bool>,
+    ) -> bool {
+        crate::health::inc(&health.counters.reconnects);
+        if was_up {
+            self.backoff.reset();
+            self.failures = 0;
+            self.log = crate::health::RateLimit::new(Duration::from_secs(60));
+        }
+        self.failures += 1;
+        let delay = self.backoff.next_delay();
+        state.set(crate::health::LinkState::BackingOff);
+        if self.log.check().is_some() {
+            tracing::warn!(client_id, error, failed_attempts = self.failures, retry_in = ?delay, "{what}");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => true,
+            _ = shutdown.changed() => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,39 +255,5 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
-    }
-}
-
-/// Says once that a link went down, then at most once a minute that it is still down, so a
-/// long outage does not flood the journal.
-#[derive(Debug)]
-pub struct OutageLog {
-    failures: u64,
-    limit: crate::health::RateLimit,
-}
-
-impl Default for OutageLog {
-    fn default() -> Self {
-        OutageLog {
-            failures: 0,
-            limit: crate::health::RateLimit::new(Duration::from_secs(60)),
-        }
-    }
-}
-
-impl OutageLog {
-    /// Records a failed attempt or a lost connection; true when it should be logged now.
-    pub fn failed(&mut self, was_up: bool) -> bool {
-        if was_up {
-            self.failures = 0;
-            self.limit = crate::health::RateLimit::new(Duration::from_secs(60));
-        }
-        self.failures += 1;
-        self.limit.check().is_some()
-    }
-
-    /// Failed attempts since the link was last up.
-    pub fn failures(&self) -> u64 {
-        self.failures
     }
 }

@@ -17,7 +17,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::broker::Link;
-use crate::cloud::{error_chain, CloudLink, OutageLog};
+use crate::cloud::{error_chain, CloudLink};
 use crate::config::DownlinkRule;
 use crate::health::{inc, LinkState, RateLimit, SharedHealth};
 use crate::topics;
@@ -53,8 +53,7 @@ impl Downlink {
     /// Runs until shutdown; an error means the local broker can no longer take commands and
     /// the gateway must restart.
     pub async fn run(mut self) -> Result<(), DownlinkError> {
-        let mut backoff = self.cloud.backoff();
-        let mut outage = OutageLog::default();
+        let mut reconnect = self.cloud.reconnect();
         let mut handed = Handed::default();
         let mut pkid = 0u16;
         loop {
@@ -72,20 +71,19 @@ impl Downlink {
                 }
                 End::Fatal(e) => return Err(e),
                 End::Lost { error, was_up } => {
-                    inc(&self.health.counters.reconnects);
-                    if was_up {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
-                    self.health.commands.set(LinkState::BackingOff);
-                    if outage.failed(was_up) {
-                        warn!(client_id = %self.cloud.config.command_client_id, error = %error,
-                            failed_attempts = outage.failures(), retry_in = ?delay,
-                            "cloud command link down; the cloud keeps commands for us");
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.changed() => return Ok(()),
+                    let go_on = reconnect
+                        .after_failure(
+                            &self.health,
+                            &self.health.commands,
+                            &self.cloud.config.command_client_id,
+                            "cloud command link down; the cloud keeps commands for us",
+                            &error,
+                            was_up,
+                            &mut self.shutdown,
+                        )
+                        .await;
+                    if !go_on {
+                        return Ok(());
                     }
                 }
             }

@@ -11,10 +11,10 @@ use std::time::Duration;
 
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
 use tokio::sync::watch;
-use tracing::{error, info, warn};
+use tracing::{error, info};
 
-use crate::cloud::{error_chain, CloudLink, OutageLog};
-use crate::health::{add, inc, LinkState, SharedHealth};
+use crate::cloud::{error_chain, CloudLink};
+use crate::health::{add, LinkState, SharedHealth};
 use crate::outbox::{OutboxHandle, Row};
 
 /// Rows read from the outbox ahead of the in-flight window.
@@ -43,34 +43,26 @@ enum End {
 
 impl Uplink {
     pub async fn run(mut self) {
-        let mut backoff = self.cloud.backoff();
-        let mut outage = OutageLog::default();
+        let mut reconnect = self.cloud.reconnect();
         loop {
             self.health.telemetry.set(LinkState::Connecting);
             let (client, eventloop) = self.connect();
-            match self.session(client, eventloop).await {
-                End::Shutdown => return,
-                End::Lost { error, was_up } => {
-                    inc(&self.health.counters.reconnects);
-                    if was_up {
-                        backoff.reset();
-                    }
-                    let delay = backoff.next_delay();
-                    self.health.telemetry.set(LinkState::BackingOff);
-                    if outage.failed(was_up) {
-                        warn!(
-                            client_id = %self.cloud.config.client_id,
-                            error = %error,
-                            failed_attempts = outage.failures(),
-                            retry_in = ?delay,
-                            "cloud telemetry link down; messages stay queued in the outbox"
-                        );
-                    }
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.shutdown.changed() => return,
-                    }
-                }
+            let End::Lost { error, was_up } = self.session(client, eventloop).await else {
+                return;
+            };
+            let go_on = reconnect
+                .after_failure(
+                    &self.health,
+                    &self.health.telemetry,
+                    &self.cloud.config.client_id,
+                    "cloud telemetry link down; messages stay queued in the outbox",
+                    &error,
+                    was_up,
+                    &mut self.shutdown,
+                )
+                .await;
+            if !go_on {
+                return;
             }
         }
     }
