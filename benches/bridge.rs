@@ -63,12 +63,26 @@ impl Local {
         }
     }
 
+    fn pid(&self) -> Option<u32> {
+        match self {
+            Local::Direct(_) => None,
+            Local::Bridgehead(g) => pgrep(&g.config_path.display().to_string()),
+            Local::Mosquitto(m) => Some(m.child.as_ref()?.id()),
+        }
+    }
+
+    /// CPU seconds (user + system) the gateway process has used so far.
+    fn cpu_seconds(&self) -> Option<f64> {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", self.pid()?)).ok()?;
+        // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks: f64 =
+            fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+
     fn rss_mib(&self) -> Option<f64> {
-        let pid = match self {
-            Local::Direct(_) => return None,
-            Local::Bridgehead(g) => pgrep(&g.config_path.display().to_string())?,
-            Local::Mosquitto(m) => m.child.as_ref()?.id(),
-        };
+        let pid = self.pid()?;
         let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let kb: f64 = status
             .lines()
@@ -182,6 +196,8 @@ struct Outcome {
     duplicates: usize,
     seconds: f64,
     rss_mib: Option<f64>,
+    /// Gateway CPU microseconds per message over the workload.
+    cpu_us: Option<f64>,
 }
 
 fn messages(prefix: &str, publisher: usize, n: usize) -> Vec<(String, Vec<u8>)> {
@@ -211,7 +227,13 @@ async fn settle(collector: &Collector, expected: usize, quiet: Duration, max: Du
     }
 }
 
-fn outcome(collector: &Collector, sent: usize, seconds: f64, local: &Local) -> Outcome {
+fn outcome(
+    collector: &Collector,
+    sent: usize,
+    seconds: f64,
+    local: &Local,
+    cpu_before: Option<f64>,
+) -> Outcome {
     let deliveries = collector.deliveries();
     Outcome {
         sent,
@@ -219,6 +241,9 @@ fn outcome(collector: &Collector, sent: usize, seconds: f64, local: &Local) -> O
         duplicates: deliveries.duplicates,
         seconds,
         rss_mib: local.rss_mib(),
+        cpu_us: cpu_before
+            .zip(local.cpu_seconds())
+            .map(|(before, after)| (after - before) * 1e6 / sent as f64),
     }
 }
 
@@ -228,6 +253,7 @@ async fn burst(setup: Setup, total: usize, publishers: usize) -> Outcome {
     let local = Local::start(setup, cloud.port);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let port = local.port();
+    let cpu_before = local.cpu_seconds();
     let start = Instant::now();
     let tasks: Vec<_> = (0..publishers)
         .map(|p| {
@@ -258,6 +284,7 @@ async fn burst(setup: Setup, total: usize, publishers: usize) -> Outcome {
         total,
         done.duration_since(start).as_secs_f64(),
         &local,
+        cpu_before,
     )
 }
 
@@ -270,6 +297,7 @@ async fn link_cut(setup: Setup) -> Outcome {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let port = local.port();
     let per = 4000;
+    let cpu_before = local.cpu_seconds();
     let start = Instant::now();
     let tasks: Vec<_> = (0..4)
         .map(|p| {
@@ -305,6 +333,7 @@ async fn link_cut(setup: Setup) -> Outcome {
         4 * per,
         done.duration_since(start).as_secs_f64(),
         &local,
+        cpu_before,
     )
 }
 
@@ -318,6 +347,8 @@ async fn kill9(setup: Setup) -> Outcome {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     proxy.cut();
     let total = 10_000;
+    // The process is replaced mid-way: its CPU time is not comparable.
+    let cpu_before = None;
     let start = Instant::now();
     publish_all(
         local.port(),
@@ -341,6 +372,7 @@ async fn kill9(setup: Setup) -> Outcome {
         total,
         done.duration_since(start).as_secs_f64(),
         &local,
+        cpu_before,
     )
 }
 
@@ -401,7 +433,7 @@ async fn split(total: usize, publishers: usize) {
 fn print_row(workload: &str, setup: Setup, o: &Outcome) {
     let lost = o.sent.saturating_sub(o.arrived);
     println!(
-        "| {workload:<26} | {:<27} | {:>7} | {:>7} | {:>6} ({:>5.1} %) | {:>4} | {:>7.1} | {:>8.0} | {:>6} |",
+        "| {workload:<26} | {:<27} | {:>7} | {:>7} | {:>6} ({:>5.1} %) | {:>4} | {:>7.1} | {:>8.0} | {:>6} | {:>9} |",
         setup.name(),
         o.sent,
         o.arrived,
@@ -411,6 +443,7 @@ fn print_row(workload: &str, setup: Setup, o: &Outcome) {
         o.seconds,
         o.arrived as f64 / o.seconds,
         o.rss_mib.map(|m| format!("{m:.0}")).unwrap_or_else(|| "-".into()),
+        o.cpu_us.map(|c| format!("{c:.1}")).unwrap_or_else(|| "-".into()),
     );
 }
 
@@ -430,8 +463,8 @@ async fn main() {
         split(total, publishers).await;
         return;
     }
-    println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB |");
-    println!("|----------------------------|-----------------------------|---------|---------|------------------|------|---------|----------|---------|");
+    println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB | CPU µs/msg |");
+    println!("|----------------------------|-----------------------------|---------|---------|------------------|------|---------|----------|---------|-----------|");
     let burst_name = format!("burst {total} x {PAYLOAD} B QoS 1");
     for setup in [Setup::Direct, Setup::Bridgehead, Setup::MosquittoBridge] {
         let o = burst(setup, total, publishers).await;

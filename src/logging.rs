@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Subscriber};
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::filter_fn;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -20,9 +20,13 @@ const DEFAULT_FILTER: &str =
 pub fn init(health: SharedHealth) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
-    // Its own filter, so that rumqttd's trace and debug events stay disabled at their call sites.
-    let overruns = OverrunCounter { health }
-        .with_filter(Targets::new().with_target("rumqttd", tracing::Level::WARN));
+    // Its own filter: rumqttd's warning events only. Spans must stay disabled: rumqttd opens
+    // an error-level span for every publish, and an enabled one costs a registry entry.
+    let overruns = OverrunCounter { health }.with_filter(filter_fn(|meta| {
+        meta.is_event()
+            && *meta.level() == tracing::Level::WARN
+            && meta.target().starts_with("rumqttd")
+    }));
     let registry = tracing_subscriber::registry().with(overruns);
     let journald = std::env::var_os("JOURNAL_STREAM")
         .is_some()

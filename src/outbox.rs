@@ -59,7 +59,7 @@ pub enum OutboxError {
 }
 
 enum Command {
-    Push(NewMessage),
+    Push(Vec<NewMessage>),
     Fetch {
         after: i64,
         limit: usize,
@@ -81,9 +81,9 @@ pub struct OutboxHandle {
 }
 
 impl OutboxHandle {
-    /// Queues a message for the next group commit; waits while the writer is saturated.
-    pub async fn push(&self, message: NewMessage) -> Result<(), OutboxError> {
-        self.send(Command::Push(message)).await
+    /// Queues messages for the next group commit; waits while the writer is saturated.
+    pub async fn push(&self, messages: Vec<NewMessage>) -> Result<(), OutboxError> {
+        self.send(Command::Push(messages)).await
     }
 
     /// Up to `limit` committed rows with id > `after`, oldest first, excluding rows already
@@ -144,7 +144,8 @@ pub fn open(
         path: path.clone(),
         source,
     })?;
-    let (tx, rx) = flume::bounded(config.commit_batch.max(1024) * 4);
+    // Batches from the intake and single acks: a few thousand commands is plenty of slack.
+    let (tx, rx) = flume::bounded(4096);
     let (committed_tx, committed) = watch::channel(store.max_id);
     info!(
         path = %path.display(),
@@ -329,9 +330,9 @@ impl Writer {
                 None => self.next_expiry,
             };
             match self.rx.recv_deadline(deadline) {
-                Ok(Command::Push(message)) => {
+                Ok(Command::Push(messages)) => {
                     self.pending_since.get_or_insert_with(Instant::now);
-                    self.pending.push(message);
+                    self.pending.extend(messages);
                     if self.pending.len() >= self.config.commit_batch {
                         self.commit();
                     }

@@ -1,8 +1,11 @@
 //! The intake: one subscription to everything on the local broker, our own rule matching
 //! (overlapping filters must not deliver a message twice), and the hand-off to the outbox.
 
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use rumqttd::local::LinkError;
 use rumqttd::Notification;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -47,27 +50,39 @@ pub async fn run_intake(
         outbox,
         health,
         invalid_log: RateLimit::new(Duration::from_secs(10)),
+        batch: Vec::with_capacity(MAX_BATCH),
     };
     loop {
-        tokio::select! {
-            next = link.rx.next() => {
-                if !intake.handle(&link, next).await {
-                    return;
-                }
-            }
+        let next = tokio::select! {
+            next = link.rx.next() => next,
             _ = shutdown.changed() => break,
+        };
+        if !intake.take(&mut link, next).await || !intake.flush().await {
+            return;
         }
     }
     let deadline = tokio::time::Instant::now() + DRAIN_MAX;
-    while let Ok(Ok(next)) = tokio::time::timeout_at(
+    while let Ok(next) = tokio::time::timeout_at(
         deadline.min(tokio::time::Instant::now() + DRAIN_QUIET),
         link.rx.next(),
     )
     .await
     {
-        if !intake.handle(&link, Ok(next)).await {
+        if !intake.take(&mut link, next).await || !intake.flush().await {
             return;
         }
+    }
+}
+
+/// Messages handed to the outbox at once: everything the broker had ready, up to this.
+const MAX_BATCH: usize = 1024;
+
+/// The next notification if the link has one ready, without waiting.
+fn ready(rx: &mut rumqttd::local::LinkRx) -> Option<Result<Option<Notification>, LinkError>> {
+    let mut next = std::pin::pin!(rx.next());
+    match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(result) => Some(result),
+        Poll::Pending => None,
     }
 }
 
@@ -76,15 +91,48 @@ struct Intake {
     outbox: OutboxHandle,
     health: SharedHealth,
     invalid_log: RateLimit,
+    batch: Vec<NewMessage>,
 }
 
 impl Intake {
-    /// Returns false when the intake cannot go on (link or outbox gone).
-    async fn handle(
+    /// Takes `next` and whatever else the link has ready into the batch; false when the
+    /// intake cannot go on (link gone).
+    async fn take(
         &mut self,
-        link: &Link,
-        next: Result<Option<Notification>, rumqttd::local::LinkError>,
+        link: &mut Link,
+        next: Result<Option<Notification>, LinkError>,
     ) -> bool {
+        if !self.handle(link, next).await {
+            return false;
+        }
+        while self.batch.len() < MAX_BATCH {
+            match ready(&mut link.rx) {
+                Some(next) => {
+                    if !self.handle(link, next).await {
+                        return false;
+                    }
+                }
+                None => break,
+            }
+        }
+        true
+    }
+
+    /// Hands the batch to the outbox; false when the outbox is gone.
+    async fn flush(&mut self) -> bool {
+        if self.batch.is_empty() {
+            return true;
+        }
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(MAX_BATCH));
+        if self.outbox.push(batch).await.is_err() {
+            warn!("outbox closed; intake stops");
+            return false;
+        }
+        true
+    }
+
+    /// Returns false when the intake cannot go on (link gone).
+    async fn handle(&mut self, link: &Link, next: Result<Option<Notification>, LinkError>) -> bool {
         let notification = match next {
             Ok(Some(n)) => n,
             Ok(None) => return true,
@@ -114,16 +162,15 @@ impl Intake {
                     return true;
                 };
                 inc(&self.health.counters.received);
-                let message = NewMessage {
-                    topic: format!("{}{}", rule.remote_prefix, topic),
+                let mut cloud_topic = String::with_capacity(rule.remote_prefix.len() + topic.len());
+                cloud_topic.push_str(&rule.remote_prefix);
+                cloud_topic.push_str(topic);
+                self.batch.push(NewMessage {
+                    topic: cloud_topic,
                     size: (topic.len() + publish.payload.len()) as u64,
                     payload: publish.payload,
                     qos: rule.qos,
-                };
-                if self.outbox.push(message).await.is_err() {
-                    warn!("outbox closed; intake stops");
-                    return false;
-                }
+                });
             }
             Notification::Unschedule => {
                 if let Err(e) = link.rx.wake().await {
