@@ -79,6 +79,8 @@ fn a_minimal_file_gets_every_default() {
         },
         uplink: vec![],
         downlink: vec![],
+        modbus: vec![],
+        serial: vec![],
     };
     assert_eq!(parse(MINIMAL), Ok(expected));
 }
@@ -222,13 +224,13 @@ fn missing_required_keys_point_at_their_table_or_line_one() {
 
 #[test]
 fn unknown_keys_are_all_reported_with_what_is_accepted() {
-    let text = format!("{MINIMAL}urll = \"x\"\n[[uplink]]\ntopic = \"a\"\nprefix = \"b\"\n\n[[modbus]]\nname = \"m\"\n");
+    let text = format!("{MINIMAL}urll = \"x\"\n[[uplink]]\ntopic = \"a\"\nprefix = \"b\"\n\n[[bacnet]]\nname = \"m\"\n");
     assert_eq!(
         problems(&text),
         [
             "test.toml:7: cloud.urll: unknown key; the keys accepted here are url, client_id, command_client_id, keep_alive, max_packet_size, ca_file, cert_file, key_file, username, password_file, status_topic, max_inflight, reconnect_min, reconnect_max",
             "test.toml:10: uplink[1].prefix: unknown key; the keys accepted here are topic, remote_prefix, qos",
-            "test.toml:12: modbus: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink",
+            "test.toml:12: bacnet: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink, modbus, serial",
         ]
     );
 }
