@@ -155,6 +155,7 @@ pub struct Bus {
     publisher: Publisher,
     health: SharedHealth,
     shutdown: watch::Receiver<bool>,
+    commands_open: bool,
     conn: Option<Context>,
     reconnect_at: Instant,
     connect_failures: u32,
@@ -201,6 +202,7 @@ impl Bus {
             publisher,
             health: health.clone(),
             shutdown,
+            commands_open: true,
             conn: None,
             reconnect_at: now,
             connect_failures: 0,
@@ -239,12 +241,10 @@ impl Bus {
             };
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
-                job = self.commands.recv() => match job {
+                job = self.commands.recv(), if self.commands_open => match job {
                     Some(job) => self.write(job).await,
-                    None => {
-                        self.close().await;
-                        return;
-                    }
+                    // No write topics (or the router stopped): keep polling.
+                    None => self.commands_open = false,
                 },
                 _ = self.shutdown.changed() => {}
             }

@@ -147,6 +147,7 @@ fn valid_key(key: &str) -> bool {
 pub struct Sensor {
     config: SerialSensor,
     commands: mpsc::Receiver<Bytes>,
+    commands_open: bool,
     publisher: Publisher,
     health: SharedHealth,
     device: Arc<DeviceHealth>,
@@ -171,6 +172,7 @@ impl Sensor {
             device: health.device(format!("serial/{}", config.name)),
             config,
             commands,
+            commands_open: true,
             publisher,
             health: health.clone(),
             shutdown,
@@ -224,8 +226,12 @@ impl Sensor {
                     }
                     Err(e) => return End::Lost(e.to_string()),
                 },
-                command = self.commands.recv() => {
-                    let Some(mut command) = command.map(Vec::from) else { return End::Shutdown };
+                command = self.commands.recv(), if self.commands_open => {
+                    let Some(mut command) = command.map(Vec::from) else {
+                        // No command topic (or the router stopped): keep reading.
+                        self.commands_open = false;
+                        continue;
+                    };
                     if command.last() != Some(&b'\n') {
                         command.push(b'\n');
                     }
