@@ -191,7 +191,7 @@ pub enum LineFormat {
 /// The `[[modbus]]` devices; a device with a problem (already reported) is left out.
 pub fn modbus_devices(raw: &[RawModbus], report: &mut Report, id: &str) -> Vec<ModbusDevice> {
     let root = KeyPath::default().key("modbus");
-    let devices: Vec<Option<ModbusDevice>> = raw
+    let devices: Vec<(Option<ModbusDevice>, bool)> = raw
         .iter()
         .enumerate()
         .map(|(i, device)| modbus_device(device, report.section(root.index(i), id)))
@@ -200,7 +200,7 @@ pub fn modbus_devices(raw: &[RawModbus], report: &mut Report, id: &str) -> Vec<M
     let mut lines: HashMap<String, SerialLine> = HashMap::new();
     let mut units = HashSet::new();
     let mut write_topics = HashSet::new();
-    for (i, device) in devices.iter().enumerate() {
+    for (i, (device, _)) in devices.iter().enumerate() {
         let Some(device) = device else { continue };
         let path = root.index(i);
         for (w, write) in device.writes.iter().enumerate() {
@@ -232,10 +232,15 @@ pub fn modbus_devices(raw: &[RawModbus], report: &mut Report, id: &str) -> Vec<M
             report.add(&path.key("unit"), format!("unit {} on {} is also another [[modbus]] device's; give each device on a bus its own unit id", device.unit, device.transport.bus()));
         }
     }
-    devices.into_iter().flatten().collect()
+    devices
+        .into_iter()
+        .filter_map(|(device, valid)| device.filter(|_| valid))
+        .collect()
 }
 
-fn modbus_device(raw: &RawModbus, mut s: Section) -> Option<ModbusDevice> {
+/// The device as far as it could be read (for the checks across devices), and whether it
+/// is free of problems.
+fn modbus_device(raw: &RawModbus, mut s: Section) -> (Option<ModbusDevice>, bool) {
     let before = s.problems();
     let name = s.name("name", &raw.name);
     let transport = match raw.transport.as_deref() {
@@ -311,8 +316,8 @@ fn modbus_device(raw: &RawModbus, mut s: Section) -> Option<ModbusDevice> {
             "no [[modbus.read]] or [[modbus.write]] under this device; it would do nothing",
         );
     }
-    let transport = transport?;
-    (s.problems() == before).then_some(ModbusDevice {
+    let valid = s.problems() == before;
+    let device = transport.map(|transport| ModbusDevice {
         name,
         transport,
         unit,
@@ -320,7 +325,8 @@ fn modbus_device(raw: &RawModbus, mut s: Section) -> Option<ModbusDevice> {
         timeout,
         reads,
         writes,
-    })
+    });
+    (device, valid)
 }
 
 fn serial_line(
@@ -545,16 +551,20 @@ fn kind_name(kind: RegisterKind) -> &'static str {
 /// port may not also be a Modbus line.
 pub fn serial_sensors(
     raw: &[RawSerial],
-    modbus: &[ModbusDevice],
+    modbus: &[RawModbus],
     report: &mut Report,
     id: &str,
 ) -> Vec<SerialSensor> {
     let root = KeyPath::default().key("serial");
-    let mut ports: HashSet<String> = modbus.iter().map(|d| d.transport.bus()).collect();
+    let mut ports: HashSet<String> = modbus
+        .iter()
+        .filter(|d| d.transport.as_deref() == Some("rtu"))
+        .filter_map(|d| d.device.clone())
+        .collect();
     let mut names = HashSet::new();
     let mut sensors = Vec::new();
     for (i, sensor) in raw.iter().enumerate() {
-        let Some(sensor) = serial_sensor(sensor, report.section(root.index(i), id)) else {
+        let (Some(sensor), valid) = serial_sensor(sensor, report.section(root.index(i), id)) else {
             continue;
         };
         let path = root.index(i);
@@ -570,12 +580,15 @@ pub fn serial_sensors(
         if !ports.insert(sensor.line.device.clone()) {
             report.add(&path.key("device"), format!("{} is already used by another [[serial]] or [[modbus]] entry; a port has one owner", sensor.line.device));
         }
-        sensors.push(sensor);
+        if valid {
+            sensors.push(sensor);
+        }
     }
     sensors
 }
 
-fn serial_sensor(raw: &RawSerial, mut s: Section) -> Option<SerialSensor> {
+/// The sensor as far as it could be read, and whether it is free of problems.
+fn serial_sensor(raw: &RawSerial, mut s: Section) -> (Option<SerialSensor>, bool) {
     let before = s.problems();
     let name = s.name("name", &raw.name);
     let line = serial_line(
@@ -628,13 +641,14 @@ fn serial_sensor(raw: &RawSerial, mut s: Section) -> Option<SerialSensor> {
         .as_ref()
         .map(|_| s.topic("command_topic", &raw.command_topic, ""));
     let max_line = s.size("max_line", &raw.max_line, MAX_LINE, 1..=1 << 20);
-    let sensor = SerialSensor {
+    let valid = s.problems() == before;
+    let sensor = line.map(|line| SerialSensor {
         name,
-        line: line?,
+        line,
         format,
         topic,
         command_topic,
         max_line,
-    };
-    (s.problems() == before).then_some(sensor)
+    });
+    (sensor, valid)
 }

@@ -137,7 +137,7 @@ pub fn validate(raw: &RawConfig, report: &mut Report, state_directory: Option<&O
         .collect();
     refuse_loops(&uplink, &downlink, &cloud.status_topic, report);
     let modbus = field::modbus_devices(&raw.modbus, report, topic_id);
-    let serial = field::serial_sensors(&raw.serial, &modbus, report, topic_id);
+    let serial = field::serial_sensors(&raw.serial, &raw.modbus, report, topic_id);
     Config {
         gateway,
         local,

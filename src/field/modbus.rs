@@ -283,6 +283,11 @@ impl Bus {
             Ok(conn) => {
                 self.conn = Some(conn);
                 self.connect_failures = 0;
+                // Polls missed while the bus was closed are failures, not overruns.
+                let now = Instant::now();
+                for device in &mut self.devices {
+                    device.next_due = device.next_due.max(now);
+                }
                 info!(bus = %self.name, "modbus bus open");
             }
             Err(error) => {
