@@ -517,3 +517,23 @@ fn field_problems_name_their_line_and_key() {
         ]
     );
 }
+
+#[test]
+fn the_shipped_field_examples_are_valid_once_uncommented() {
+    let shipped = include_str!("../../config/bridgehead.toml");
+    let start = shipped
+        .find("#  [[modbus]]")
+        .expect("the shipped config documents [[modbus]]");
+    let examples: String = shipped[start..]
+        .lines()
+        .filter(|line| !line.starts_with("#  # "))
+        .map(|line| line.strip_prefix("# ").unwrap_or(line))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let config =
+        parse(&format!("{MINIMAL}{examples}")).unwrap_or_else(|e| panic!("{e}\n{examples}"));
+    assert_eq!(config.modbus.len(), 1);
+    assert_eq!(config.modbus[0].reads.len(), 1);
+    assert_eq!(config.modbus[0].writes.len(), 1);
+    assert_eq!(config.serial.len(), 1);
+}
