@@ -18,6 +18,8 @@ pub const STOP_BITS: i64 = 1;
 pub const UNIT: i64 = 1;
 pub const POLL: &str = "1s";
 pub const TIMEOUT: &str = "500ms";
+/// Unused registers (or bits) a merged read may read through between two wanted ones.
+pub const MAX_GAP: i64 = 16;
 pub const VALUE_TYPE: &str = "u16";
 pub const ORDER: &str = "big";
 pub const PAYLOAD: &str = "plain";
@@ -33,6 +35,9 @@ pub struct ModbusDevice {
     pub unit: u8,
     pub poll: Duration,
     pub timeout: Duration,
+    /// Reads of one kind this close (unused registers or bits between them) share a
+    /// request; 0 merges only adjacent reads (for devices that refuse unmapped addresses).
+    pub max_gap: u16,
     pub reads: Vec<ModbusRead>,
     pub writes: Vec<ModbusWrite>,
 }
@@ -298,6 +303,7 @@ fn modbus_device(raw: &RawModbus, mut s: Section) -> (Option<ModbusDevice>, bool
         TIMEOUT,
         Duration::from_millis(10)..=Duration::from_secs(60),
     );
+    let max_gap = s.int("max_gap", raw.max_gap, MAX_GAP, 0..=1999);
     let reads: Vec<ModbusRead> = raw
         .read
         .iter()
@@ -323,6 +329,7 @@ fn modbus_device(raw: &RawModbus, mut s: Section) -> (Option<ModbusDevice>, bool
         unit,
         poll,
         timeout,
+        max_gap,
         reads,
         writes,
     });

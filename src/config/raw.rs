@@ -100,6 +100,7 @@ pub struct RawModbus {
     pub unit: Option<i64>,
     pub poll: Option<Value>,
     pub timeout: Option<Value>,
+    pub max_gap: Option<i64>,
     pub read: Vec<RawRead>,
     pub write: Vec<RawWrite>,
 }

@@ -468,6 +468,7 @@ fn field_devices_are_read_with_their_defaults() {
             }),
         }
     );
+    assert_eq!(climate.max_gap, 16);
     assert_eq!(climate.writes[0].kind, WriteKind::Coil);
     assert_eq!(climate.writes[0].layout.value_type, ValueType::Bool);
     let meter = &config.modbus[1];

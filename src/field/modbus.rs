@@ -24,8 +24,6 @@ use crate::health::{add, inc, DeviceHealth, DeviceState, SharedHealth};
 /// Most registers and bits one read request may ask for (Modbus spec).
 const MAX_REGISTERS: u16 = 125;
 const MAX_BITS: u16 = 2000;
-/// Unused registers (or bits) a merged read may read through between two wanted ones.
-const MAX_GAP: u16 = 16;
 /// Failed transactions in a row after which a device counts as unreachable.
 const UNREACHABLE_AFTER: u32 = 3;
 /// Retry delays for an unreachable device or a bus that cannot be opened.
@@ -68,8 +66,9 @@ pub struct Span {
 }
 
 /// The requests of one poll cycle: reads of one kind at nearby addresses share a request
-/// (at most 125 registers or 2000 bits, gaps of up to [`MAX_GAP`] read through).
-pub fn plan(reads: &[ModbusRead], merge: bool) -> Vec<Span> {
+/// (at most 125 registers or 2000 bits, gaps of up to `max_gap` read through); `None`
+/// gives every read its own request.
+pub fn plan(reads: &[ModbusRead], max_gap: Option<u16>) -> Vec<Span> {
     let mut order: Vec<usize> = (0..reads.len()).collect();
     order.sort_by_key(|&i| (kind_rank(reads[i].kind), reads[i].address));
     let mut spans: Vec<Span> = Vec::new();
@@ -86,10 +85,10 @@ pub fn plan(reads: &[ModbusRead], merge: bool) -> Vec<Span> {
         } else {
             MAX_REGISTERS
         };
-        if let Some(span) = spans.last_mut().filter(|_| merge) {
+        if let (Some(span), Some(max_gap)) = (spans.last_mut(), max_gap) {
             let span_end = u32::from(span.start) + u32::from(span.count);
             let fits = span.kind == read.kind
-                && u32::from(start) <= span_end + u32::from(MAX_GAP)
+                && u32::from(start) <= span_end + u32::from(max_gap)
                 && end.max(span_end) - u32::from(span.start) <= u32::from(limit);
             if fits {
                 span.count = (end.max(span_end) - u32::from(span.start)) as u16;
@@ -142,7 +141,11 @@ struct Device {
     next_due: Instant,
     /// The next span of the cycle in progress.
     cursor: Option<usize>,
+    /// Timeouts and transport errors in a row.
     failures: u32,
+    /// Faults of any kind in the cycle in progress.
+    cycle_faults: u32,
+    last_fault: Option<String>,
     last: Vec<Option<(Reading, Instant)>>,
 }
 
@@ -185,11 +188,13 @@ impl Bus {
         let devices = devices
             .into_iter()
             .map(|config| Device {
-                spans: plan(&config.reads, true),
+                spans: plan(&config.reads, Some(config.max_gap)),
                 health: health.device(format!("modbus/{}", config.name)),
                 next_due: now,
                 cursor: None,
                 failures: 0,
+                cycle_faults: 0,
+                last_fault: None,
                 last: vec![None; config.reads.len()],
                 config,
             })
@@ -358,6 +363,16 @@ impl Bus {
         let device = &mut self.devices[d];
         device.cursor = None;
         let poll = device.config.poll;
+        let faults = std::mem::take(&mut device.cycle_faults);
+        if device.failures < UNREACHABLE_AFTER {
+            let state = if faults == 0 {
+                DeviceState::Online
+            } else {
+                DeviceState::Failing
+            };
+            self.settle(d, state);
+        }
+        let device = &mut self.devices[d];
         if device.failures >= UNREACHABLE_AFTER {
             device.next_due = now + backoff(device.failures - UNREACHABLE_AFTER + 1).max(poll);
             return;
@@ -395,14 +410,14 @@ impl Bus {
         Err(fault)
     }
 
+    /// The device answered: it is reachable again.
     fn succeeded(&mut self, d: usize) {
-        let device = &mut self.devices[d];
-        device.failures = 0;
-        if device.health.set_state(DeviceState::Online) {
-            info!(device = %device.config.name, bus = %self.name, unit = device.config.unit, "modbus device online");
-        }
+        self.devices[d].failures = 0;
     }
 
+    /// Counts a fault. Timeouts and transport errors in a row make the device unreachable
+    /// at once; otherwise the state is settled at the end of the poll cycle, so that a
+    /// device answering most requests does not flap between online and failing.
     fn failed(&mut self, d: usize, fault: &Fault, connecting: bool) {
         let device = &mut self.devices[d];
         inc(&self.health.counters.field_errors);
@@ -411,15 +426,29 @@ impl Bus {
             Fault::Exception(_) => inc(&device.health.exceptions),
             Fault::Transport(_) => inc(&device.health.errors),
         }
-        device.failures = device.failures.saturating_add(1);
-        let state = if connecting || device.failures >= UNREACHABLE_AFTER {
-            DeviceState::Unreachable
-        } else {
-            DeviceState::Failing
-        };
-        if device.health.set_state(state) {
-            warn!(device = %device.config.name, bus = %self.name, unit = device.config.unit,
-                state = state.as_str(), error = %fault, "modbus device {}; retrying", state.as_str());
+        device.cycle_faults += 1;
+        device.last_fault = Some(fault.to_string());
+        if !matches!(fault, Fault::Exception(_)) {
+            device.failures = device.failures.saturating_add(1);
+        }
+        if connecting || device.failures >= UNREACHABLE_AFTER {
+            self.settle(d, DeviceState::Unreachable);
+        }
+    }
+
+    /// Sets the device's state, logging a change.
+    fn settle(&mut self, d: usize, state: DeviceState) {
+        let device = &self.devices[d];
+        if !device.health.set_state(state) {
+            return;
+        }
+        let (name, unit) = (&device.config.name, device.config.unit);
+        match (state, &device.last_fault) {
+            (DeviceState::Online, _) | (_, None) => {
+                info!(device = %name, bus = %self.name, unit, "modbus device online")
+            }
+            (_, Some(error)) => warn!(device = %name, bus = %self.name, unit, %error,
+                "modbus device {}; retrying", state.as_str()),
         }
     }
 
@@ -624,7 +653,7 @@ mod tests {
             read(Coil, 0, ValueType::Bool),
         ];
         assert_eq!(
-            spans(&plan(&reads, true)),
+            spans(&plan(&reads, Some(16))),
             [
                 (Holding, 0, 12),
                 (Holding, 200, 1),
@@ -633,8 +662,12 @@ mod tests {
                 (Coil, 1999, 1)
             ]
         );
-        assert_eq!(plan(&reads, true)[0].reads, [1, 2, 0]);
-        assert_eq!(plan(&reads, false).len(), reads.len());
+        assert_eq!(plan(&reads, Some(16))[0].reads, [1, 2, 0]);
+        assert_eq!(plan(&reads, None).len(), reads.len());
+        assert_eq!(
+            spans(&plan(&reads, Some(0)))[..3],
+            [(Holding, 0, 1), (Holding, 2, 4), (Holding, 10, 2)]
+        );
     }
 
     #[test]
@@ -643,7 +676,7 @@ mod tests {
             .map(|i| read(RegisterKind::Input, i * 2, ValueType::U32))
             .collect();
         assert_eq!(
-            spans(&plan(&reads, true)),
+            spans(&plan(&reads, Some(16))),
             [
                 (RegisterKind::Input, 0, 124),
                 (RegisterKind::Input, 124, 16)
@@ -653,7 +686,7 @@ mod tests {
             .map(|i| read(RegisterKind::Discrete, i, ValueType::Bool))
             .collect();
         assert_eq!(
-            spans(&plan(&bits, true)),
+            spans(&plan(&bits, Some(16))),
             [
                 (RegisterKind::Discrete, 0, 2000),
                 (RegisterKind::Discrete, 2000, 1)
