@@ -468,5 +468,36 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         }
     }
     out.push('\n');
+    if let Some(devices) = doc.get("devices").and_then(|d| d.as_object()) {
+        for (name, device) in devices {
+            let state = device["state"].as_str().unwrap_or("?");
+            out.push_str(&format!("device     {name} {state}"));
+            if let Some(counters) = device.as_object() {
+                for (key, value) in counters.iter().filter(|(key, _)| *key != "state") {
+                    out.push_str(&format!(" {key}={value}"));
+                }
+            }
+            out.push('\n');
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_each_field_device() {
+        let health = Health::default();
+        let plc = health.device("modbus/plc".to_owned());
+        plc.set_state(DeviceState::Failing);
+        inc(&plc.timeouts);
+        let doc = serde_json::to_value(health.status("gw")).expect("status serialises");
+        let text = render_status(&doc);
+        assert!(
+            text.contains("device     modbus/plc failing dropped=0 errors=0 exceptions=0 overruns=0 readings=0 timeouts=1 transactions=0 write_errors=0 writes=0\n"),
+            "{text}"
+        );
+    }
 }

@@ -415,3 +415,39 @@ async fn polling_resumes_when_the_device_comes_back() {
     assert!(status["devices"]["modbus/meter"]["errors"].as_u64() > Some(0));
     assert!(gateway.log().contains("modbus device unreachable"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_read_is_counted_and_the_other_values_still_arrive() {
+    let _serial = support::serial().await;
+    let server = ModbusServer::tcp(&json!({"1": {"hr": {"0": 7}}}));
+    let support::Endpoint::Tcp(port) = server.endpoint else {
+        unreachable!("a TCP server")
+    };
+    // The server has 4096 registers: address 5000 gets an "illegal data address" exception.
+    let body = "[[modbus.read]]\ntopic = \"warehouse/plc/good\"\nkind = \"holding\"\naddress = 0\n\n\
+                [[modbus.read]]\ntopic = \"warehouse/plc/bad\"\nkind = \"holding\"\naddress = 5000\n\n";
+    let gateway = gateway(&tcp_device("plc", port, 1, body));
+    let mut dashboard = subscriber(&gateway, "warehouse/plc/#").await;
+
+    for _ in 0..3 {
+        let good = wait_for(&mut dashboard, "warehouse/plc/good", Duration::from_secs(5)).await;
+        assert_eq!(good.as_deref(), Some("7"));
+    }
+    let status = gateway
+        .wait_status(Duration::from_secs(5), "the exceptions counted", |s| {
+            s["devices"]["modbus/plc"]["exceptions"].as_u64() >= Some(3)
+        })
+        .await;
+    assert_eq!(status["devices"]["modbus/plc"]["state"], "failing");
+    assert_eq!(status["devices"]["modbus/plc"]["timeouts"], 0);
+    let log = gateway.log();
+    assert_eq!(
+        log.matches("modbus device failing").count(),
+        1,
+        "the state change is logged once, not on every poll"
+    );
+    assert!(
+        log.contains("IllegalDataAddress") || log.contains("Illegal data address"),
+        "{log}"
+    );
+}
