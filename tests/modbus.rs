@@ -425,7 +425,8 @@ async fn a_refused_read_is_counted_and_the_other_values_still_arrive() {
     };
     // The server has 4096 registers: address 5000 gets an "illegal data address" exception.
     let body = "[[modbus.read]]\ntopic = \"warehouse/plc/good\"\nkind = \"holding\"\naddress = 0\n\n\
-                [[modbus.read]]\ntopic = \"warehouse/plc/bad\"\nkind = \"holding\"\naddress = 5000\n\n";
+                [[modbus.read]]\ntopic = \"warehouse/plc/bad\"\nkind = \"holding\"\naddress = 5000\n\n\
+                [[modbus.write]]\ntopic = \"warehouse/plc/setpoint\"\nkind = \"holding\"\naddress = 5000\n\n";
     let gateway = gateway(&tcp_device("plc", port, 1, body));
     let mut dashboard = subscriber(&gateway, "warehouse/plc/#").await;
 
@@ -447,7 +448,55 @@ async fn a_refused_read_is_counted_and_the_other_values_still_arrive() {
         "the state change is logged once, not on every poll"
     );
     assert!(
-        log.contains("IllegalDataAddress") || log.contains("Illegal data address"),
+        log.contains("Modbus exception: Illegal data address"),
         "{log}"
+    );
+
+    publish_all(
+        gateway.local_port,
+        "operator",
+        QoS::AtLeastOnce,
+        vec![("warehouse/plc/setpoint".to_owned(), b"12".to_vec())],
+    )
+    .await;
+    let result = wait_for(
+        &mut dashboard,
+        "warehouse/plc/setpoint/result",
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(
+        result.as_deref(),
+        Some("error: Modbus exception: Illegal data address")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_off_at_boot_is_polled_once_it_is_switched_on() {
+    let _serial = support::serial().await;
+    let port = free_port();
+    let body =
+        "[[modbus.read]]\ntopic = \"warehouse/meter/count\"\nkind = \"holding\"\naddress = 0\n\n";
+    let gateway = gateway(&tcp_device("meter", port, 1, body));
+    gateway
+        .wait_status(Duration::from_secs(10), "the meter unreachable", |s| {
+            s["devices"]["modbus/meter"]["state"] == "unreachable"
+        })
+        .await;
+    let mut dashboard = subscriber(&gateway, "warehouse/meter/#").await;
+
+    let _server = ModbusServer::tcp_on(port, &json!({"1": {"hr": {"0": 99}}}));
+
+    let value = wait_for(
+        &mut dashboard,
+        "warehouse/meter/count",
+        Duration::from_secs(15),
+    )
+    .await;
+    assert_eq!(value.as_deref(), Some("99"));
+    let errors = gateway.log().matches("modbus device unreachable").count();
+    assert_eq!(
+        errors, 1,
+        "an unreachable device is logged once, not on every retry"
     );
 }

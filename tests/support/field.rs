@@ -53,7 +53,12 @@ pub struct ModbusServer {
 
 impl ModbusServer {
     pub fn tcp(registers: &serde_json::Value) -> Self {
-        Self::start(Endpoint::Tcp(free_port()), registers)
+        Self::tcp_on(free_port(), registers)
+    }
+
+    /// On a given port (a device switched on after the gateway started polling it).
+    pub fn tcp_on(port: u16, registers: &serde_json::Value) -> Self {
+        Self::start(Endpoint::Tcp(port), registers)
     }
 
     pub fn rtu(device: &Path, baud: u32, registers: &serde_json::Value) -> Self {
