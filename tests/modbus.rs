@@ -500,3 +500,83 @@ async fn a_device_off_at_boot_is_polled_once_it_is_switched_on() {
         "an unreachable device is logged once, not on every retry"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_goes_ahead_of_the_polls_waiting_on_the_bus() {
+    let _serial = support::serial().await;
+    let server = ModbusServer::tcp(&json!({"1": {"co": {"5": false}}}));
+    let support::Endpoint::Tcp(port) = server.endpoint else {
+        unreachable!("a TCP server")
+    };
+    // 100 reads that cannot share a request: a poll cycle is 100 transactions, longer than
+    // the poll period, so the bus is never idle.
+    let mut body = String::new();
+    for address in (0..200).step_by(2) {
+        body += &format!(
+            "[[modbus.read]]\ntopic = \"warehouse/plc/r{address}\"\nkind = \"holding\"\naddress = {address}\n\n"
+        );
+    }
+    body += &format!("[[modbus.write]]\ntopic = \"{FAN}\"\nkind = \"coil\"\naddress = 5\n\n");
+    let device = tcp_device("plc", port, 1, &body)
+        .replace("poll = \"200ms\"", "poll = \"10ms\"\nmax_gap = 0");
+    let gateway = gateway(&device);
+    let mut dashboard = subscriber(&gateway, &format!("{FAN}/result")).await;
+
+    for payload in ["ON", "OFF", "ON"] {
+        publish_all(
+            gateway.local_port,
+            "operator",
+            QoS::AtLeastOnce,
+            vec![(FAN.to_owned(), payload.as_bytes().to_vec())],
+        )
+        .await;
+        let result = wait_for(
+            &mut dashboard,
+            &format!("{FAN}/result"),
+            Duration::from_secs(5),
+        )
+        .await;
+        assert_eq!(result.as_deref(), Some("ok"));
+    }
+
+    // Where each write landed among the holding reads of the cycle in progress, once the
+    // read after the last write is in the server's log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let landed = loop {
+        let landed = writes_among_reads(&server.log());
+        if landed.iter().all(|(_, after)| after.is_some()) || Instant::now() > deadline {
+            break landed;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(landed.len(), 3, "three writes expected: {landed:?}");
+    let mid_cycle = landed
+        .iter()
+        .filter(|(before, after)| matches!((before, after), (Some(b), Some(a)) if *a == b + 2))
+        .count();
+    assert!(
+        mid_cycle >= 2,
+        "writes must not wait for the end of a poll cycle; (read before, read after) each write: {landed:?}"
+    );
+}
+
+/// For each write in a server log: the address of the holding read before it and after it.
+fn writes_among_reads(log: &str) -> Vec<(Option<u16>, Option<u16>)> {
+    let mut previous = None;
+    let mut landed: Vec<(Option<u16>, Option<u16>)> = Vec::new();
+    for line in log.lines() {
+        if line.starts_with("SET ") {
+            landed.push((previous, None));
+        } else if let Some(address) = line
+            .strip_prefix("REQ unit=1 fc=3 address=")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|a| a.parse::<u16>().ok())
+        {
+            if let Some(last) = landed.last_mut().filter(|l| l.1.is_none()) {
+                last.1 = Some(address);
+            }
+            previous = Some(address);
+        }
+    }
+    landed
+}
