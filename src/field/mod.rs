@@ -66,7 +66,7 @@ pub fn spawn(
     let mut tasks = Vec::new();
     let mut routes: HashMap<String, Route> = HashMap::new();
 
-    for (bus, devices) in modbus::buses(&config.modbus) {
+    for (transport, devices) in modbus::buses(&config.modbus) {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         for (d, device) in devices.iter().enumerate() {
             for (w, write) in device.writes.iter().enumerate() {
@@ -77,9 +77,9 @@ pub fn spawn(
                 routes.insert(write.topic.clone(), Route::Modbus(tx.clone(), job));
             }
         }
-        info!(%bus, devices = devices.len(), "modbus bus starting");
+        info!(bus = %transport.bus(), devices = devices.len(), "modbus bus starting");
         let task = modbus::Bus::new(
-            bus,
+            transport,
             devices,
             rx,
             publisher.clone(),

@@ -30,16 +30,18 @@ const UNREACHABLE_AFTER: u32 = 3;
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
-/// The devices of each bus, grouped by serial port or TCP address, in config order.
-pub fn buses(devices: &[ModbusDevice]) -> BTreeMap<String, Vec<ModbusDevice>> {
-    let mut buses: BTreeMap<String, Vec<ModbusDevice>> = BTreeMap::new();
+/// The devices of each bus (serial port or TCP address), in config order. Validation
+/// made sure that the devices of one serial port agree on its settings.
+pub fn buses(devices: &[ModbusDevice]) -> Vec<(Transport, Vec<ModbusDevice>)> {
+    let mut buses: BTreeMap<String, (Transport, Vec<ModbusDevice>)> = BTreeMap::new();
     for device in devices {
         buses
             .entry(device.transport.bus())
-            .or_default()
+            .or_insert_with(|| (device.transport.clone(), Vec::new()))
+            .1
             .push(device.clone());
     }
-    buses
+    buses.into_values().collect()
 }
 
 /// Which write of which device of a bus a command is for.
@@ -168,7 +170,7 @@ pub struct Bus {
 
 impl Bus {
     pub fn new(
-        name: String,
+        transport: Transport,
         devices: Vec<ModbusDevice>,
         commands: mpsc::Receiver<WriteJob>,
         publisher: Publisher,
@@ -176,9 +178,7 @@ impl Bus {
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let now = Instant::now();
-        let transport = devices
-            .first()
-            .map_or(Transport::Tcp(String::new()), |d| d.transport.clone());
+        let name = transport.bus();
         let silence = match &transport {
             Transport::Rtu(line) => {
                 Duration::from_micros((38_500_000 / u64::from(line.baud.max(1))).max(1750))
