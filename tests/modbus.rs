@@ -508,10 +508,10 @@ async fn a_command_goes_ahead_of_the_polls_waiting_on_the_bus() {
     let support::Endpoint::Tcp(port) = server.endpoint else {
         unreachable!("a TCP server")
     };
-    // 100 reads that cannot share a request: a poll cycle is 100 transactions, longer than
-    // the poll period, so the bus is never idle.
+    // 500 reads that cannot share a request: a poll cycle is 500 transactions, far longer
+    // than the poll period, so the bus is never idle.
     let mut body = String::new();
-    for address in (0..200).step_by(2) {
+    for address in (0..1000).step_by(2) {
         body += &format!(
             "[[modbus.read]]\ntopic = \"warehouse/plc/r{address}\"\nkind = \"holding\"\naddress = {address}\n\n"
         );
