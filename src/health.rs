@@ -110,6 +110,18 @@ counters! {
     front_door_refused,
     /// Outbox database errors (each is also logged).
     outbox_errors,
+    /// Field readings (Modbus values, serial-line values) published into the local broker.
+    field_readings,
+    /// Modbus transactions that failed (timeout, exception, CRC error, garbage, I/O), all devices.
+    field_errors,
+    /// Modbus polls skipped because the previous cycle overran the poll period.
+    field_overruns,
+    /// Modbus writes done from commands.
+    field_writes,
+    /// Modbus commands refused (unparseable payload) or failed.
+    field_write_errors,
+    /// Serial lines dropped: too long, not UTF-8, or not in the sensor's format.
+    serial_lines_dropped,
 }
 
 /// Current fill of the outbox, kept up to date by its writer.
@@ -131,6 +143,126 @@ pub struct Health {
     pub queue: QueueGauges,
     pub telemetry: SharedLinkState,
     pub commands: SharedLinkState,
+    /// One entry per Modbus device and serial sensor, in config order.
+    pub devices: std::sync::Mutex<Vec<Arc<DeviceHealth>>>,
+    device_names: std::sync::Mutex<Vec<String>>,
+}
+
+/// State of one field device, logged when it changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceState {
+    /// Not polled or opened yet.
+    Starting = 0,
+    Online = 1,
+    /// Some recent transactions failed; still answering.
+    Failing = 2,
+    /// Not answering, or its port or connection cannot be opened; retried with backoff.
+    Unreachable = 3,
+}
+
+impl DeviceState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeviceState::Starting => "starting",
+            DeviceState::Online => "online",
+            DeviceState::Failing => "failing",
+            DeviceState::Unreachable => "unreachable",
+        }
+    }
+
+    fn from_u8(v: u8) -> Self {
+        match v {
+            1 => DeviceState::Online,
+            2 => DeviceState::Failing,
+            3 => DeviceState::Unreachable,
+            _ => DeviceState::Starting,
+        }
+    }
+}
+
+/// Per-device counters, shown under `devices` in the status document.
+#[derive(Debug, Default)]
+pub struct DeviceHealth {
+    state: AtomicU8,
+    /// Modbus requests sent (reads and writes) or serial lines read.
+    pub transactions: AtomicU64,
+    pub timeouts: AtomicU64,
+    /// Modbus exception responses.
+    pub exceptions: AtomicU64,
+    /// CRC errors, garbage replies, I/O and connection errors.
+    pub errors: AtomicU64,
+    pub overruns: AtomicU64,
+    pub readings: AtomicU64,
+    pub writes: AtomicU64,
+    pub write_errors: AtomicU64,
+    /// Serial lines dropped (too long, not UTF-8, not in the format).
+    pub dropped: AtomicU64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeviceSnapshot {
+    pub state: &'static str,
+    pub transactions: u64,
+    pub timeouts: u64,
+    pub exceptions: u64,
+    pub errors: u64,
+    pub overruns: u64,
+    pub readings: u64,
+    pub writes: u64,
+    pub write_errors: u64,
+    pub dropped: u64,
+}
+
+impl DeviceHealth {
+    /// Sets the state; true when it changed (the caller logs it).
+    pub fn set_state(&self, state: DeviceState) -> bool {
+        self.state.swap(state as u8, Ordering::Relaxed) != state as u8
+    }
+
+    pub fn state(&self) -> DeviceState {
+        DeviceState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    fn snapshot(&self) -> DeviceSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DeviceSnapshot {
+            state: self.state().as_str(),
+            transactions: get(&self.transactions),
+            timeouts: get(&self.timeouts),
+            exceptions: get(&self.exceptions),
+            errors: get(&self.errors),
+            overruns: get(&self.overruns),
+            readings: get(&self.readings),
+            writes: get(&self.writes),
+            write_errors: get(&self.write_errors),
+            dropped: get(&self.dropped),
+        }
+    }
+}
+
+impl Health {
+    /// Registers a field device under `name` (unique per kind: `modbus/NAME`, `serial/NAME`).
+    pub fn device(&self, name: String) -> Arc<DeviceHealth> {
+        let device = Arc::new(DeviceHealth::default());
+        if let Ok(mut devices) = self.devices.lock() {
+            devices.push(device.clone());
+        }
+        if let Ok(mut names) = self.device_names.lock() {
+            names.push(name);
+        }
+        device
+    }
+
+    fn device_snapshots(&self) -> std::collections::BTreeMap<String, DeviceSnapshot> {
+        let (Ok(devices), Ok(names)) = (self.devices.lock(), self.device_names.lock()) else {
+            return Default::default();
+        };
+        names
+            .iter()
+            .cloned()
+            .zip(devices.iter().map(|d| d.snapshot()))
+            .collect()
+    }
 }
 
 impl Default for Health {
@@ -144,6 +276,8 @@ impl Default for Health {
             },
             telemetry: SharedLinkState::default(),
             commands: SharedLinkState::default(),
+            devices: Default::default(),
+            device_names: Default::default(),
         }
     }
 }
@@ -164,6 +298,8 @@ pub struct StatusDoc {
     pub cloud: CloudStatus,
     pub queue: QueueStatus,
     pub counters: CounterSnapshot,
+    /// Field devices by `modbus/NAME` or `serial/NAME`.
+    pub devices: std::collections::BTreeMap<String, DeviceSnapshot>,
 }
 
 #[derive(Debug, Serialize)]
@@ -197,6 +333,7 @@ impl Health {
                 oldest_age_ms: (oldest != u64::MAX).then(|| now.saturating_sub(oldest)),
             },
             counters: self.counters.snapshot(),
+            devices: self.device_snapshots(),
         }
     }
 }
@@ -335,5 +472,36 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         }
     }
     out.push('\n');
+    if let Some(devices) = doc.get("devices").and_then(|d| d.as_object()) {
+        for (name, device) in devices {
+            let state = device["state"].as_str().unwrap_or("?");
+            out.push_str(&format!("device     {name} {state}"));
+            if let Some(counters) = device.as_object() {
+                for (key, value) in counters.iter().filter(|(key, _)| *key != "state") {
+                    out.push_str(&format!(" {key}={value}"));
+                }
+            }
+            out.push('\n');
+        }
+    }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_shows_each_field_device() {
+        let health = Health::default();
+        let plc = health.device("modbus/plc".to_owned());
+        plc.set_state(DeviceState::Failing);
+        inc(&plc.timeouts);
+        let doc = serde_json::to_value(health.status("gw")).expect("status serialises");
+        let text = render_status(&doc);
+        assert!(
+            text.contains("device     modbus/plc failing dropped=0 errors=0 exceptions=0 overruns=0 readings=0 timeouts=1 transactions=0 write_errors=0 writes=0\n"),
+            "{text}"
+        );
+    }
 }

@@ -7,6 +7,7 @@ pub mod broker;
 pub mod cloud;
 pub mod config;
 pub mod downlink;
+pub mod field;
 pub mod health;
 pub mod logging;
 pub mod outbox;
@@ -39,6 +40,13 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
     let intake_link = broker.link("intake")?;
     let command_link = broker.link("downlink")?;
     let health_link = broker.link("health")?;
+    let field_links = match field::wanted(&config) {
+        true => Some((
+            broker.link("field-readings")?,
+            broker.link("field-commands")?,
+        )),
+        false => None,
+    };
     let (internal_v4, internal_v5) = (broker.internal_v4, broker.internal_v5);
     broker.start()?;
     wait_for_port(internal_v4).await?;
@@ -118,8 +126,19 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         config.gateway.metrics_interval,
         shutdown.clone(),
     ));
+    let field_tasks = match field_links {
+        Some((readings, commands)) => field::spawn(
+            &config,
+            readings,
+            commands,
+            health.clone(),
+            shutdown.clone(),
+        ),
+        None => Vec::new(),
+    };
     info!(gateway_id = %config.gateway.id, cloud = %format!("{}:{}", config.cloud.url.host, config.cloud.url.port),
-        uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(), "bridgehead running");
+        uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(),
+        modbus_devices = config.modbus.len(), serial_sensors = config.serial.len(), "bridgehead running");
 
     let fatal = tokio::select! {
         signal = wait_for_signal() => { info!(%signal, "shutting down"); None }
@@ -145,6 +164,9 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
             let _ = task.await;
         }
         let _ = reporter.await;
+        for task in field_tasks {
+            let _ = task.await;
+        }
     })
     .await;
     if finished.is_err() {

@@ -4,6 +4,7 @@
 //! it into [`Config`], collecting every problem with the line and key it belongs to.
 
 mod defaults;
+mod field;
 mod locate;
 mod raw;
 mod units;
@@ -20,6 +21,11 @@ use std::time::Duration;
 
 use toml_edit::ImDocument;
 
+pub use field::{
+    Layout, LineFormat, ModbusDevice, ModbusRead, ModbusWrite, OnChange, Order, Parity,
+    PayloadFormat, RegisterKind, SerialLine, SerialSensor, Transport, ValueType, WriteKind,
+    KEY_PLACEHOLDER,
+};
 use locate::line_at;
 use validate::Report;
 
@@ -140,6 +146,10 @@ pub struct Config {
     pub queue: QueueConfig,
     pub uplink: Vec<UplinkRule>,
     pub downlink: Vec<DownlinkRule>,
+    /// Modbus devices to poll and write.
+    pub modbus: Vec<ModbusDevice>,
+    /// Line-oriented serial sensors.
+    pub serial: Vec<SerialSensor>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

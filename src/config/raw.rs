@@ -16,6 +16,8 @@ pub struct RawConfig {
     pub queue: RawQueue,
     pub uplink: Vec<RawUplink>,
     pub downlink: Vec<RawDownlink>,
+    pub modbus: Vec<RawModbus>,
+    pub serial: Vec<RawSerial>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -84,6 +86,71 @@ pub struct RawDownlink {
     pub qos: Option<i64>,
 }
 
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawModbus {
+    pub name: Option<String>,
+    pub transport: Option<String>,
+    pub device: Option<String>,
+    pub baud: Option<i64>,
+    pub parity: Option<String>,
+    pub data_bits: Option<i64>,
+    pub stop_bits: Option<i64>,
+    pub address: Option<String>,
+    pub unit: Option<i64>,
+    pub poll: Option<Value>,
+    pub timeout: Option<Value>,
+    pub max_gap: Option<i64>,
+    pub read: Vec<RawRead>,
+    pub write: Vec<RawWrite>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawRead {
+    pub topic: Option<String>,
+    pub kind: Option<String>,
+    pub address: Option<i64>,
+    #[serde(rename = "type")]
+    pub value_type: Option<String>,
+    pub scale: Option<Value>,
+    pub offset: Option<Value>,
+    pub byte_order: Option<String>,
+    pub word_order: Option<String>,
+    pub payload: Option<String>,
+    pub on_change: Option<bool>,
+    pub deadband: Option<Value>,
+    pub heartbeat: Option<Value>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawWrite {
+    pub topic: Option<String>,
+    pub kind: Option<String>,
+    pub address: Option<i64>,
+    #[serde(rename = "type")]
+    pub value_type: Option<String>,
+    pub scale: Option<Value>,
+    pub byte_order: Option<String>,
+    pub word_order: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RawSerial {
+    pub name: Option<String>,
+    pub device: Option<String>,
+    pub baud: Option<i64>,
+    pub parity: Option<String>,
+    pub data_bits: Option<i64>,
+    pub stop_bits: Option<i64>,
+    pub format: Option<String>,
+    pub topic: Option<String>,
+    pub command_topic: Option<String>,
+    pub max_line: Option<Value>,
+}
+
 /// What came out of deserializing: the raw config (unless a value had the wrong TOML
 /// type, which stops serde) and every unknown key seen.
 pub struct Parsed {
@@ -149,6 +216,10 @@ pub fn accepted_keys(unknown: &KeyPath) -> &'static [&'static str] {
         "queue" => field_names::<RawQueue>(),
         "uplink" => field_names::<RawUplink>(),
         "downlink" => field_names::<RawDownlink>(),
+        "modbus" => field_names::<RawModbus>(),
+        "modbus.read" => field_names::<RawRead>(),
+        "modbus.write" => field_names::<RawWrite>(),
+        "serial" => field_names::<RawSerial>(),
         _ => &[],
     }
 }
@@ -196,7 +267,7 @@ mod tests {
     fn field_names_come_from_the_structs() {
         assert_eq!(
             field_names::<RawConfig>(),
-            ["gateway", "local", "cloud", "queue", "uplink", "downlink"]
+            ["gateway", "local", "cloud", "queue", "uplink", "downlink", "modbus", "serial"]
         );
         assert_eq!(
             field_names::<RawUplink>(),
@@ -211,13 +282,13 @@ mod tests {
 
     #[test]
     fn collects_every_unknown_key() {
-        let parsed = parse("bogus = 1\n[cloud]\nurl = \"x\"\nuRL = 2\n[[uplink]]\ntopic = \"a\"\n[[uplink]]\ntopik = \"b\"\n[modbus]\nname = \"m\"\n");
+        let parsed = parse("bogus = 1\n[cloud]\nurl = \"x\"\nuRL = 2\n[[uplink]]\ntopic = \"a\"\n[[uplink]]\ntopik = \"b\"\n[bacnet]\nname = \"m\"\n");
         let unknown: Vec<String> = parsed
             .unknown_keys
             .iter()
             .map(ToString::to_string)
             .collect();
-        assert_eq!(unknown, ["bogus", "cloud.uRL", "uplink[2].topik", "modbus"]);
+        assert_eq!(unknown, ["bogus", "cloud.uRL", "uplink[2].topik", "bacnet"]);
         assert!(parsed.config.is_ok());
     }
 

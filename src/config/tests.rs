@@ -79,6 +79,8 @@ fn a_minimal_file_gets_every_default() {
         },
         uplink: vec![],
         downlink: vec![],
+        modbus: vec![],
+        serial: vec![],
     };
     assert_eq!(parse(MINIMAL), Ok(expected));
 }
@@ -222,13 +224,13 @@ fn missing_required_keys_point_at_their_table_or_line_one() {
 
 #[test]
 fn unknown_keys_are_all_reported_with_what_is_accepted() {
-    let text = format!("{MINIMAL}urll = \"x\"\n[[uplink]]\ntopic = \"a\"\nprefix = \"b\"\n\n[[modbus]]\nname = \"m\"\n");
+    let text = format!("{MINIMAL}urll = \"x\"\n[[uplink]]\ntopic = \"a\"\nprefix = \"b\"\n\n[[bacnet]]\nname = \"m\"\n");
     assert_eq!(
         problems(&text),
         [
             "test.toml:7: cloud.urll: unknown key; the keys accepted here are url, client_id, command_client_id, keep_alive, max_packet_size, ca_file, cert_file, key_file, username, password_file, status_topic, max_inflight, reconnect_min, reconnect_max",
             "test.toml:10: uplink[1].prefix: unknown key; the keys accepted here are topic, remote_prefix, qos",
-            "test.toml:12: modbus: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink",
+            "test.toml:12: bacnet: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink, modbus, serial",
         ]
     );
 }
@@ -380,4 +382,159 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
     assert_eq!(uncommented_keys, 20);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
+}
+
+const FIELD: &str = r#"
+[[modbus]]
+name = "zone1-climate"
+transport = "rtu"
+device = "/dev/ttyUSB0"
+baud = 19200
+parity = "even"
+unit = 3
+poll = "2s"
+
+  [[modbus.read]]
+  topic = "warehouse/{gateway_id}/temp"
+  kind = "holding"
+  address = 10
+  type = "f32"
+  word_order = "little"
+  scale = 0.1
+  offset = -40
+  payload = "json"
+  on_change = true
+  deadband = 0.5
+  heartbeat = "1m"
+
+  [[modbus.write]]
+  topic = "warehouse/zone1/fan/command"
+  kind = "coil"
+  address = 5
+
+[[modbus]]
+name = "meter"
+transport = "tcp"
+address = "meter.local:502"
+
+  [[modbus.read]]
+  topic = "warehouse/meter/on"
+  kind = "coil"
+  address = 0
+
+[[serial]]
+name = "zone2-probe"
+device = "/dev/ttyACM0"
+format = "kv"
+topic = "warehouse/zone2/{key}"
+command_topic = "warehouse/zone2/probe/command"
+"#;
+
+#[test]
+fn field_devices_are_read_with_their_defaults() {
+    let config = parse(&format!("{MINIMAL}{FIELD}")).expect("a valid field config");
+    let climate = &config.modbus[0];
+    assert_eq!(
+        climate.transport,
+        Transport::Rtu(SerialLine {
+            device: "/dev/ttyUSB0".into(),
+            baud: 19200,
+            parity: Parity::Even,
+            data_bits: 8,
+            stop_bits: 1,
+        })
+    );
+    assert_eq!(
+        (climate.unit, climate.poll, climate.timeout),
+        (3, Duration::from_secs(2), Duration::from_millis(500))
+    );
+    assert_eq!(
+        climate.reads[0],
+        ModbusRead {
+            topic: "warehouse/gw-9/temp".into(),
+            kind: RegisterKind::Holding,
+            address: 10,
+            layout: Layout {
+                value_type: ValueType::F32,
+                byte_order: Order::Big,
+                word_order: Order::Little,
+            },
+            scale: 0.1,
+            offset: -40.0,
+            payload: PayloadFormat::Json,
+            on_change: Some(OnChange {
+                deadband: 0.5,
+                heartbeat: Some(Duration::from_secs(60)),
+            }),
+        }
+    );
+    assert_eq!(climate.max_gap, 16);
+    assert_eq!(climate.writes[0].kind, WriteKind::Coil);
+    assert_eq!(climate.writes[0].layout.value_type, ValueType::Bool);
+    let meter = &config.modbus[1];
+    assert_eq!(meter.transport, Transport::Tcp("meter.local:502".into()));
+    assert_eq!(meter.reads[0].layout.value_type, ValueType::Bool);
+    assert_eq!(meter.unit, 1);
+    let probe = &config.serial[0];
+    assert_eq!(
+        (probe.line.baud, probe.format, probe.max_line),
+        (115_200, LineFormat::Kv, 1024)
+    );
+    assert_eq!(
+        probe.command_topic.as_deref(),
+        Some("warehouse/zone2/probe/command")
+    );
+}
+
+#[test]
+fn field_problems_name_their_line_and_key() {
+    let text = format!(
+        "{MINIMAL}\n[[modbus]]\nname = \"a\"\ntransport = \"rtu\"\ndevice = \"/dev/ttyUSB0\"\n\
+         address = \"1.2.3.4:502\"\n\
+         [[modbus.read]]\ntopic = \"t/#\"\nkind = \"coil\"\naddress = 70000\ntype = \"f32\"\n\
+         [[modbus.read]]\ntopic = \"t/x\"\nkind = \"register\"\naddress = 0\nword_order = \"middle\"\n\
+         [[modbus]]\nname = \"a\"\ntransport = \"rtu\"\ndevice = \"/dev/ttyUSB0\"\nbaud = 19200\n\
+         [[modbus.write]]\ntopic = \"w\"\nkind = \"holding\"\naddress = 1\nscale = 0\n\
+         [[modbus]]\nname = \"t\"\ntransport = \"tcp\"\naddress = \"nohost\"\n\
+         [[serial]]\nname = \"s\"\ndevice = \"/dev/ttyUSB0\"\nformat = \"kv\"\ntopic = \"s/all\"\n"
+    );
+    assert_eq!(
+        problems(&text),
+        [
+            r#"test.toml:12: modbus[1].address: is for transport = "tcp"; an RTU device is reached through device (its serial port)"#,
+            r#"test.toml:14: modbus[1].read[1].topic: "t/#" is not a topic to publish to: it contains a wildcard ('+' or '#'), which only filters may use"#,
+            "test.toml:16: modbus[1].read[1].address: 70000 is out of range; accepted: 0 to 65534",
+            "test.toml:17: modbus[1].read[1].type: a coil is one bit: its type is bool",
+            r#"test.toml:20: modbus[1].read[2].kind: "register" is not one of holding, input, coil, discrete"#,
+            r#"test.toml:22: modbus[1].read[2].word_order: "middle" is not one of big, little"#,
+            "test.toml:23: modbus[2].unit: unit 1 on /dev/ttyUSB0 is also another [[modbus]] device's; give each device on a bus its own unit id",
+            r#"test.toml:24: modbus[2].name: "a" names another [[modbus]] device too; names must be unique"#,
+            "test.toml:27: modbus[2].baud: /dev/ttyUSB0 is shared with another [[modbus]] device with other serial settings (baud, parity, data_bits, stop_bits); devices on one line must agree",
+            "test.toml:32: modbus[2].write[1].scale: is 0; register value = command / scale",
+            "test.toml:33: modbus[3].read: no [[modbus.read]] or [[modbus.write]] under this device; it would do nothing",
+            r#"test.toml:36: modbus[3].address: "nohost" is not a host and port like "192.168.1.50:502""#,
+            "test.toml:39: serial[1].device: /dev/ttyUSB0 is already used by another [[serial]] or [[modbus]] entry; a port has one owner",
+            "test.toml:41: serial[1].topic: has no {key}: every key of a line would go to the same topic; add {key} where the key's name goes",
+        ]
+    );
+}
+
+#[test]
+fn the_shipped_field_examples_are_valid_once_uncommented() {
+    let shipped = include_str!("../../config/bridgehead.toml");
+    let start = shipped
+        .find("#  [[modbus]]")
+        .expect("the shipped config documents [[modbus]]");
+    let examples: String = shipped[start..]
+        .lines()
+        .filter(|line| !line.starts_with("#  # "))
+        .map(|line| line.strip_prefix("# ").unwrap_or(line))
+        .map(|line| format!("{line}\n"))
+        .collect();
+    let config =
+        parse(&format!("{MINIMAL}{examples}")).unwrap_or_else(|e| panic!("{e}\n{examples}"));
+    assert_eq!(config.modbus.len(), 1);
+    assert_eq!(config.modbus[0].reads.len(), 1);
+    assert_eq!(config.modbus[0].writes.len(), 1);
+    assert_eq!(config.serial.len(), 1);
 }

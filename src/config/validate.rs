@@ -15,7 +15,7 @@ use toml_edit::ImDocument;
 use super::locate::{line_at, line_of, KeyPath};
 use super::raw::{self, RawCloud, RawConfig, RawDownlink, RawGateway, RawLocal, RawQueue};
 use super::raw::{RawUplink, WrongType};
-use super::{defaults, units, url};
+use super::{defaults, field, units, url};
 use super::{CloudConfig, CloudUrl, Config, ConfigError, DownlinkRule, GatewayConfig};
 use super::{LocalConfig, Problem, Qos, QueueConfig, UplinkRule, WhenFull};
 use crate::topics;
@@ -102,7 +102,7 @@ impl<'a> Report<'a> {
         }
     }
 
-    fn section<'r>(&'r mut self, path: KeyPath, id: &'r str) -> Section<'r, 'a> {
+    pub(super) fn section<'r>(&'r mut self, path: KeyPath, id: &'r str) -> Section<'r, 'a> {
         Section {
             report: self,
             path,
@@ -136,6 +136,8 @@ pub fn validate(raw: &RawConfig, report: &mut Report, state_directory: Option<&O
         })
         .collect();
     refuse_loops(&uplink, &downlink, &cloud.status_topic, report);
+    let modbus = field::modbus_devices(&raw.modbus, report, topic_id);
+    let serial = field::serial_sensors(&raw.serial, &raw.modbus, report, topic_id);
     Config {
         gateway,
         local,
@@ -143,6 +145,8 @@ pub fn validate(raw: &RawConfig, report: &mut Report, state_directory: Option<&O
         queue,
         uplink: uplink.into_iter().flatten().collect(),
         downlink: downlink.into_iter().flatten().collect(),
+        modbus,
+        serial,
     }
 }
 
@@ -274,7 +278,7 @@ fn cloud(raw: &RawCloud, mut s: Section) -> CloudConfig {
         let why = "is also cloud.client_id; the command connection needs a client id of its own";
         s.report("command_client_id", format!("{client_id:?} {why}"));
     }
-    let tls = url.as_ref().map_or(true, |url| url.tls);
+    let tls = url.as_ref().is_none_or(|url| url.tls);
     let ca_file = s.pem_file("ca_file", &raw.ca_file, tls, Pem::Certificates);
     let cert_file = s.pem_file("cert_file", &raw.cert_file, tls, Pem::Certificates);
     let key_file = s.pem_file("key_file", &raw.key_file, tls, Pem::PrivateKey);
@@ -463,15 +467,95 @@ fn at_least_ms(millis: u64) -> RangeInclusive<Duration> {
 
 /// The checks of one table (`[cloud]`, `uplink[2]`): each reads a key of it, reports a
 /// problem under that key, and substitutes `{gateway_id}` where text becomes a topic.
-struct Section<'r, 'a> {
+pub(super) struct Section<'r, 'a> {
     report: &'r mut Report<'a>,
     path: KeyPath,
     id: &'r str,
 }
 
-impl Section<'_, '_> {
-    fn report(&mut self, key: &str, message: impl Into<String>) {
+impl<'a> Section<'_, 'a> {
+    pub(super) fn report(&mut self, key: &str, message: impl Into<String>) {
         self.report.add(&self.path.key(key), message);
+    }
+
+    /// Problems reported so far in the whole file: a check compares before and after.
+    pub(super) fn problems(&self) -> usize {
+        self.report.problems.len()
+    }
+
+    pub(super) fn path(&self) -> KeyPath {
+        self.path.clone()
+    }
+
+    pub(super) fn id(&self) -> &str {
+        self.id
+    }
+
+    /// The checks of a table nested in this one (`modbus[1].read[2]`).
+    pub(super) fn child(&mut self, path: KeyPath) -> Section<'_, 'a> {
+        Section {
+            report: self.report,
+            path,
+            id: self.id,
+        }
+    }
+
+    /// A name that shows in logs and metrics.
+    pub(super) fn name(&mut self, key: &str, raw: &Option<String>) -> String {
+        match raw.as_deref() {
+            None => {
+                self.report(
+                    key,
+                    r#"missing; name it for logs and metrics, like name = "zone1-climate""#,
+                );
+                String::new()
+            }
+            Some(name) if name.is_empty() || name.chars().any(|c| c.is_control()) => {
+                self.report(
+                    key,
+                    format!("{name:?} is empty or holds control characters"),
+                );
+                name.to_owned()
+            }
+            Some(name) => name.to_owned(),
+        }
+    }
+
+    pub(super) fn required_topic(&mut self, key: &str, raw: &Option<String>) -> String {
+        if raw.is_none() {
+            self.report(
+                key,
+                r#"missing; name the topic, like topic = "warehouse/zone1/temp""#,
+            );
+            return String::new();
+        }
+        self.topic(key, raw, "")
+    }
+
+    /// A 0-based register or bit address; `span` registers from it must fit under 65536.
+    pub(super) fn required_address(&mut self, key: &str, raw: Option<i64>, span: u16) -> u16 {
+        let Some(address) = raw else {
+            self.report(
+                key,
+                "missing; the 0-based register or bit address, like address = 0",
+            );
+            return 0;
+        };
+        let last = 65_536 - i64::from(span);
+        self.int(key, Some(address), 0, 0..=last)
+    }
+
+    /// An integer or float.
+    pub(super) fn number(&mut self, key: &str, raw: &Option<Value>, default: f64) -> f64 {
+        match raw {
+            None => default,
+            Some(Value::Integer(n)) => *n as f64,
+            Some(Value::Float(x)) if x.is_finite() => *x,
+            Some(other) => {
+                self.report(key, format!("{other} is not a number"));
+                default
+            }
+        }
     }
 
     fn address(&mut self, key: &str, text: &str) -> SocketAddr {
@@ -497,7 +581,7 @@ impl Section<'_, '_> {
         client_id
     }
 
-    fn topic(&mut self, key: &str, raw: &Option<String>, default: &str) -> String {
+    pub(super) fn topic(&mut self, key: &str, raw: &Option<String>, default: &str) -> String {
         let text = raw.as_deref().unwrap_or(default);
         let topic = topics::substitute_gateway_id(text, self.id);
         if let Err(why) = topics::valid_topic(&topic) {
@@ -554,7 +638,7 @@ impl Section<'_, '_> {
         }
     }
 
-    fn duration(
+    pub(super) fn duration(
         &mut self,
         key: &str,
         raw: &Option<Value>,
@@ -585,7 +669,7 @@ impl Section<'_, '_> {
         }
     }
 
-    fn size<T: TryFrom<u64> + Default>(
+    pub(super) fn size<T: TryFrom<u64> + Default>(
         &mut self,
         key: &str,
         raw: &Option<Value>,
@@ -611,7 +695,7 @@ impl Section<'_, '_> {
         }
     }
 
-    fn int<T: TryFrom<i64> + Default>(
+    pub(super) fn int<T: TryFrom<i64> + Default>(
         &mut self,
         key: &str,
         raw: Option<i64>,
@@ -633,7 +717,7 @@ impl Section<'_, '_> {
     }
 
     /// `choices` is not empty; its first entry stands in after a problem.
-    fn choice<T: Copy>(
+    pub(super) fn choice<T: Copy>(
         &mut self,
         key: &str,
         raw: &Option<String>,

@@ -5,6 +5,7 @@
 //! Each test binary uses a subset of this module.
 #![allow(dead_code, unused_imports)]
 
+mod field;
 mod gateway;
 mod mosquitto;
 mod mqtt;
@@ -13,6 +14,7 @@ mod proxy;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+pub use field::{latest, Endpoint, Executed, ModbusServer, PtyPair, Sensor};
 pub use gateway::{counter, Gateway, GatewayConfig};
 pub use mosquitto::{write_unrelated_ca, Mosquitto};
 pub use mqtt::{
