@@ -3,7 +3,7 @@
 //! acknowledged to the cloud only after the broker confirmed it.
 
 use std::collections::{HashSet, VecDeque};
-use std::hash::{DefaultHasher, Hash, Hasher};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -37,6 +37,8 @@ pub enum DownlinkError {
 
 pub struct Downlink {
     pub cloud: CloudLink,
+    /// Where the record of handed-over commands is kept.
+    pub data_dir: std::path::PathBuf,
     pub rules: Vec<DownlinkRule>,
     pub link: Link,
     pub health: SharedHealth,
@@ -54,7 +56,7 @@ impl Downlink {
     /// the gateway must restart.
     pub async fn run(mut self) -> Result<(), DownlinkError> {
         let mut reconnect = self.cloud.reconnect();
-        let mut handed = Handed::default();
+        let mut handed = Handed::open(&self.data_dir, REMEMBERED);
         let mut pkid = 0u16;
         loop {
             self.health.commands.set(LinkState::Connecting);
@@ -265,32 +267,143 @@ async fn handoff(
     }
 }
 
-/// Commands recently handed over, by packet id, topic and payload.
-#[derive(Default)]
+/// Commands recently handed over, by packet id, topic and payload, kept in `commands.db` in
+/// the data directory so that a redelivery after a gateway restart (the PUBACK was lost with
+/// the process) is recognised too.
 struct Handed {
+    /// How many hand-offs are remembered (the newest).
+    limit: usize,
+    db: Option<rusqlite::Connection>,
     set: HashSet<u64>,
     order: VecDeque<u64>,
 }
 
 impl Handed {
+    /// Opens the record; without it (unwritable data dir, broken file) commands still flow,
+    /// remembered in memory only, and the error is logged.
+    fn open(data_dir: &Path, limit: usize) -> Handed {
+        let path = data_dir.join("commands.db");
+        let mut handed = Handed {
+            limit,
+            db: None,
+            set: HashSet::new(),
+            order: VecDeque::new(),
+        };
+        match Self::load(&path, limit) {
+            Ok((db, keys)) => {
+                for key in keys {
+                    handed.remember(key);
+                }
+                handed.db = Some(db);
+            }
+            Err(e) => warn!(path = %path.display(), error = %e,
+                "cannot keep the record of handed-over commands on disk; after a restart a redelivered command may be published twice"),
+        }
+        handed
+    }
+
+    fn load(path: &Path, limit: usize) -> rusqlite::Result<(rusqlite::Connection, Vec<u64>)> {
+        let db = rusqlite::Connection::open(path)?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch("CREATE TABLE IF NOT EXISTS handed (seq INTEGER PRIMARY KEY AUTOINCREMENT, key INTEGER NOT NULL)")?;
+        let keys = db
+            .prepare("SELECT key FROM handed ORDER BY seq DESC LIMIT ?1")?
+            .query_map([limit as i64], |r| r.get::<_, i64>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((db, keys.into_iter().rev().map(|k| k as u64).collect()))
+    }
+
+    /// FNV-1a over packet id, topic and payload: stable across runs and versions.
     fn key(p: &Publish) -> u64 {
-        let mut h = DefaultHasher::new();
-        (p.pkid, &p.topic, &p.payload[..]).hash(&mut h);
-        h.finish()
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        let parts: [&[u8]; 4] = [&p.pkid.to_be_bytes(), p.topic.as_bytes(), &[0], &p.payload];
+        for byte in parts.iter().flat_map(|part| part.iter()) {
+            h ^= u64::from(*byte);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        h
     }
 
     fn contains(&self, key: u64) -> bool {
         self.set.contains(&key)
     }
 
+    /// Records a hand-off, on disk before the cloud gets its PUBACK.
     fn insert(&mut self, key: u64) {
-        if self.set.insert(key) {
-            self.order.push_back(key);
-            if self.order.len() > REMEMBERED {
-                if let Some(old) = self.order.pop_front() {
-                    self.set.remove(&old);
-                }
+        if !self.remember(key) {
+            return;
+        }
+        if let Some(db) = &self.db {
+            let result = tokio::task::block_in_place(|| {
+                db.prepare_cached("INSERT INTO handed (key) VALUES (?1)")?
+                    .execute([key as i64])?;
+                db.prepare_cached("DELETE FROM handed WHERE seq <= last_insert_rowid() - ?1")?
+                    .execute([self.limit as i64])
+            });
+            if let Err(e) = result {
+                warn!(error = %e, "recording a handed-over command on disk failed");
             }
         }
+    }
+
+    fn remember(&mut self, key: u64) -> bool {
+        if !self.set.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        if self.order.len() > self.limit {
+            if let Some(old) = self.order.pop_front() {
+                self.set.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn command(pkid: u16, payload: &str) -> Publish {
+        let mut p = Publish::new(
+            "fleet/gw/cmd/fan",
+            QoS::AtLeastOnce,
+            payload.as_bytes().to_vec(),
+        );
+        p.pkid = pkid;
+        p
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn handed_over_commands_are_remembered_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (on, off) = (
+            Handed::key(&command(7, "ON")),
+            Handed::key(&command(7, "OFF")),
+        );
+        assert_ne!(on, off);
+        let mut handed = Handed::open(dir.path(), 8);
+        handed.insert(on);
+        assert!(handed.contains(on));
+        drop(handed);
+        let handed = Handed::open(dir.path(), 8);
+        assert!(handed.contains(on));
+        assert!(!handed.contains(off));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn the_record_keeps_only_the_newest_commands() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handed = Handed::open(dir.path(), 8);
+        for pkid in 0..18u32 {
+            handed.insert(Handed::key(&command(pkid as u16, &pkid.to_string())));
+        }
+        assert_eq!(handed.set.len(), 8);
+        let reopened = Handed::open(dir.path(), 8);
+        assert_eq!(reopened.set.len(), 8);
+        assert!(!reopened.contains(Handed::key(&command(9, "9"))));
+        assert!(reopened.contains(Handed::key(&command(10, "10"))));
+        assert!(reopened.contains(Handed::key(&command(17, "17"))));
     }
 }

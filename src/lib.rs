@@ -109,6 +109,7 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         tokio::spawn(
             downlink::Downlink {
                 cloud,
+                data_dir: config.gateway.data_dir.clone(),
                 rules: config.downlink.clone(),
                 link: command_link,
                 health: health.clone(),
