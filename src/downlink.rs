@@ -22,6 +22,11 @@ use crate::config::DownlinkRule;
 use crate::health::{inc, LinkState, RateLimit, SharedHealth};
 use crate::topics;
 
+/// The largest packet MQTT can frame (remaining length 268,435,455 plus the fixed header).
+const MQTT_MAX_PACKET: usize = 268_435_460;
+/// A connection that lasted this long was a working link: the backoff starts over.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
 /// Commands remembered as handed over, to recognise the cloud's redeliveries.
 const REMEMBERED: usize = 4096;
 /// A local broker that does not confirm a command in this time is stuck.
@@ -61,7 +66,11 @@ impl Downlink {
         loop {
             self.health.commands.set(LinkState::Connecting);
             let mut options = self.cloud.options(&self.cloud.config.command_client_id);
-            options.set_manual_acks(true);
+            // Take any command in, however large, and refuse the oversized ones in command():
+            // rumqttc would otherwise fail on it, reconnect and get it again, forever.
+            options
+                .set_manual_acks(true)
+                .set_max_packet_size(MQTT_MAX_PACKET, self.cloud.config.max_packet_size);
             let (client, eventloop) = AsyncClient::new(options, 256);
             match self
                 .session(&client, eventloop, &mut handed, &mut pkid)
@@ -99,7 +108,7 @@ impl Downlink {
         handed: &mut Handed,
         pkid: &mut u16,
     ) -> End {
-        let mut was_up = false;
+        let mut up_at: Option<Instant> = None;
         let mut bad_log = RateLimit::new(Duration::from_secs(10));
         loop {
             let event = tokio::select! {
@@ -110,7 +119,7 @@ impl Downlink {
                 Ok(Event::Incoming(Packet::ConnAck(ack)))
                     if ack.code == ConnectReturnCode::Success =>
                 {
-                    was_up = true;
+                    up_at = Some(Instant::now());
                     self.health.commands.set(LinkState::Up);
                     info!(client_id = %self.cloud.config.command_client_id,
                         session_present = ack.session_present, "cloud command link up");
@@ -126,7 +135,7 @@ impl Downlink {
                         if let Err(e) = client.try_subscribe_many(filters) {
                             return End::Lost {
                                 error: format!("subscribing to commands: {e}"),
-                                was_up,
+                                was_up: up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER),
                             };
                         }
                     }
@@ -134,7 +143,7 @@ impl Downlink {
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                     return End::Lost {
                         error: format!("cloud refused the connection: {:?}", ack.code),
-                        was_up,
+                        was_up: up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER),
                     };
                 }
                 Ok(Event::Incoming(Packet::SubAck(ack))) => {
@@ -159,7 +168,7 @@ impl Downlink {
                 Err(e) => {
                     return End::Lost {
                         error: error_chain(&e),
-                        was_up,
+                        was_up: up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER),
                     }
                 }
             }
@@ -180,6 +189,19 @@ impl Downlink {
         if publish.dup && handed.contains(key) {
             inc(&counters.commands_duplicate);
             info!(topic = %publish.topic, "command redelivered by the cloud was already handed over; acknowledging it again");
+            let _ = client.try_ack(&publish);
+            return Ok(());
+        }
+        if !publish.dup {
+            // A first delivery: an older command with the same packet id, topic and payload
+            // was acknowledged long ago, and this one must not be taken for its redelivery.
+            handed.forget(key);
+        }
+        let limit = self.cloud.config.max_packet_size;
+        if publish.payload.len() + publish.topic.len() > limit {
+            inc(&counters.commands_failed);
+            warn!(topic = %publish.topic, bytes = publish.payload.len(), limit,
+                "command larger than cloud.max_packet_size; acknowledged and dropped");
             let _ = client.try_ack(&publish);
             return Ok(());
         }
@@ -343,6 +365,23 @@ impl Handed {
             });
             if let Err(e) = result {
                 warn!(error = %e, "recording a handed-over command on disk failed");
+            }
+        }
+    }
+
+    /// Drops a key from the record (memory and disk).
+    fn forget(&mut self, key: u64) {
+        if !self.set.remove(&key) {
+            return;
+        }
+        self.order.retain(|k| *k != key);
+        if let Some(db) = &self.db {
+            let result = tokio::task::block_in_place(|| {
+                db.prepare_cached("DELETE FROM handed WHERE key = ?1")?
+                    .execute([key as i64])
+            });
+            if let Err(e) = result {
+                warn!(error = %e, "removing a command from the on-disk record failed");
             }
         }
     }

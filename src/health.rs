@@ -94,7 +94,8 @@ counters! {
     intake_overruns,
     /// Times a local device subscriber fell behind and lost messages in the broker.
     local_overruns,
-    /// Local messages whose topic was not UTF-8 and so could not be forwarded.
+    /// Local messages matched by an uplink rule whose topic is not valid upstream (not
+    /// UTF-8, a wildcard character, too long) and so could not be forwarded.
     intake_invalid,
     /// Commands received from the cloud.
     commands_received,
@@ -110,6 +111,8 @@ counters! {
     front_door_refused,
     /// Outbox database errors (each is also logged).
     outbox_errors,
+    /// Messages lost because the database refused them repeatedly (disk full, I/O errors).
+    outbox_lost,
     /// Field readings (Modbus values, serial-line values) published into the local broker.
     field_readings,
     /// Modbus transactions that failed (timeout, exception, CRC error, garbage, I/O), all devices.

@@ -36,6 +36,14 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
     let (outbox, outbox_thread) =
         outbox::open(&config.queue, &config.gateway.data_dir, health.clone())?;
 
+    // The device ports are bound before rumqttd's internal ports are picked, so that the
+    // kernel cannot hand one of ours to rumqttd.
+    let v4_listener = bind_devices(config.local.listen, "local.listen").await?;
+    let v5_listener = match config.local.listen_v5 {
+        Some(listen) => Some(bind_devices(listen, "local.listen_v5").await?),
+        None => None,
+    };
+
     let broker = LocalBroker::new(&config.local)?;
     let intake_link = broker.link("intake")?;
     let command_link = broker.link("downlink")?;
@@ -57,16 +65,15 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         max_connections: config.local.max_connections,
         max_packet: config.local.max_payload + 64 * 1024,
     };
-    let mut listeners = vec![(config.local.listen, internal_v4)];
-    if let (Some(listen), Some(internal)) = (config.local.listen_v5, internal_v5) {
+    let mut listeners = vec![(v4_listener, internal_v4)];
+    if let (Some(listener), Some(internal)) = (v5_listener, internal_v5) {
         wait_for_port(internal).await?;
-        listeners.push((listen, internal));
+        listeners.push((listener, internal));
     }
-    for (listen, internal) in listeners {
-        let listener = TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("listening for devices on {listen} (local.listen)"))?;
-        info!(%listen, "local broker accepting devices");
+    for (listener, internal) in listeners {
+        if let Ok(listen) = listener.local_addr() {
+            info!(%listen, "local broker accepting devices");
+        }
         tokio::spawn(front_door::serve(
             listener,
             internal,
@@ -185,6 +192,12 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn bind_devices(listen: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening for devices on {listen} ({key})"))
 }
 
 async fn wait_for_port(addr: std::net::SocketAddr) -> anyhow::Result<()> {

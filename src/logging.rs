@@ -68,7 +68,7 @@ impl<S: Subscriber> Layer<S> for OverrunCounter {
         match finder.0 {
             Some(true) => {
                 inc(&self.health.counters.intake_overruns);
-                tracing::error!("the embedded broker overran the intake: local messages were lost before reaching the outbox");
+                tracing::error!("the embedded broker skipped messages under a subscription to '#': the intake (messages lost before the outbox) or a device subscribed to everything that falls behind");
             }
             Some(false) => inc(&self.health.counters.local_overruns),
             None => {}

@@ -63,7 +63,8 @@ enum Command {
     Fetch {
         after: i64,
         limit: usize,
-        reply: oneshot::Sender<Vec<Row>>,
+        max_bytes: usize,
+        reply: oneshot::Sender<Fetched>,
     },
     Ack(i64),
     DeadLetter {
@@ -71,6 +72,15 @@ enum Command {
         reason: String,
     },
     Shutdown(oneshot::Sender<()>),
+}
+
+/// The answer to a fetch.
+#[derive(Debug)]
+pub struct Fetched {
+    pub rows: Vec<Row>,
+    /// The highest committed row id when the rows were read: every row up to it that is
+    /// not in `rows` (after the last one) was acknowledged or is not there.
+    pub upto: i64,
 }
 
 /// The way to the outbox's owner thread. Cheap to clone.
@@ -86,13 +96,19 @@ impl OutboxHandle {
         self.send(Command::Push(messages)).await
     }
 
-    /// Up to `limit` committed rows with id > `after`, oldest first, excluding rows already
-    /// acknowledged.
-    pub async fn fetch(&self, after: i64, limit: usize) -> Result<Vec<Row>, OutboxError> {
+    /// Up to `limit` committed rows (and about `max_bytes` of payload) with id > `after`,
+    /// oldest first, excluding rows already acknowledged.
+    pub async fn fetch(
+        &self,
+        after: i64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Fetched, OutboxError> {
         let (reply, rx) = oneshot::channel();
         self.send(Command::Fetch {
             after,
             limit,
+            max_bytes,
             reply,
         })
         .await?;
@@ -144,8 +160,8 @@ pub fn open(
         path: path.clone(),
         source,
     })?;
-    // Batches from the intake and single acks: a few thousand commands is plenty of slack.
-    let (tx, rx) = flume::bounded(4096);
+    // Small: a push holds up to a whole intake batch, and what waits here is not on disk yet.
+    let (tx, rx) = flume::bounded(16);
     let (committed_tx, committed) = watch::channel(store.max_id);
     info!(
         path = %path.display(),
@@ -161,10 +177,13 @@ pub fn open(
         committed: committed_tx,
         pending: Vec::new(),
         pending_since: None,
+        acks_since: None,
         acks: HashSet::new(),
         dead: Vec::new(),
         full_log: RateLimit::new(Duration::from_secs(10)),
         next_expiry: Instant::now(),
+        clock_saved: Instant::now(),
+        oldest_ts: None,
     };
     let thread = std::thread::Builder::new()
         .name("outbox".into())
@@ -264,6 +283,7 @@ impl Store {
         after: i64,
         upto: i64,
         limit: usize,
+        max_bytes: usize,
         skip: &HashSet<i64>,
     ) -> rusqlite::Result<Vec<Row>> {
         let mut stmt = self.conn.prepare_cached(
@@ -277,12 +297,14 @@ impl Store {
                 qos: r.get(3)?,
             })
         })?;
-        let mut out = Vec::with_capacity(limit);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        let mut bytes = 0;
         for row in rows {
             let row = row?;
             if !skip.contains(&row.id) {
+                bytes += row.topic.len() + row.payload.len();
                 out.push(row);
-                if out.len() == limit {
+                if out.len() == limit || bytes >= max_bytes {
                     break;
                 }
             }
@@ -309,25 +331,30 @@ struct Writer {
     committed: watch::Sender<i64>,
     pending: Vec<NewMessage>,
     pending_since: Option<Instant>,
+    /// When the oldest uncommitted ack or dead letter came in.
+    acks_since: Option<Instant>,
     /// Acknowledged rows not yet deleted (deleted at the next commit; never fetched again).
     acks: HashSet<i64>,
     dead: Vec<(i64, String)>,
     full_log: RateLimit,
     next_expiry: Instant,
+    /// The gateway clock is saved with every commit, and at least this often when idle.
+    clock_saved: Instant,
+    /// Gateway-clock ms of the oldest row, as of the last commit.
+    oldest_ts: Option<i64>,
 }
 
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
 
 impl Writer {
     fn run(mut self) {
         self.publish_gauges();
         loop {
-            let deadline = match self.pending_since {
-                Some(since) => since + self.config.commit_interval,
-                None if !self.acks.is_empty() || !self.dead.is_empty() => {
-                    Instant::now() + self.config.commit_interval
-                }
-                None => self.next_expiry,
+            let deadline = match (self.pending_since, self.acks_since) {
+                (Some(a), Some(b)) => a.min(b) + self.config.commit_interval,
+                (Some(since), None) | (None, Some(since)) => since + self.config.commit_interval,
+                (None, None) => self.next_expiry,
             };
             match self.rx.recv_deadline(deadline) {
                 Ok(Command::Push(messages)) => {
@@ -340,24 +367,28 @@ impl Writer {
                 Ok(Command::Fetch {
                     after,
                     limit,
+                    max_bytes,
                     reply,
                 }) => {
+                    let upto = *self.committed.borrow();
                     let rows = self
                         .store
-                        .fetch(after, *self.committed.borrow(), limit, &self.acks)
+                        .fetch(after, upto, limit, max_bytes, &self.acks)
                         .unwrap_or_else(|e| {
                             self.db_error("reading rows to send", &e);
                             Vec::new()
                         });
-                    let _ = reply.send(rows);
+                    let _ = reply.send(Fetched { rows, upto });
                 }
                 Ok(Command::Ack(id)) => {
+                    self.acks_since.get_or_insert_with(Instant::now);
                     self.acks.insert(id);
                     if self.acks.len() >= self.config.commit_batch {
                         self.commit();
                     }
                 }
                 Ok(Command::DeadLetter { id, reason }) => {
+                    self.acks_since.get_or_insert_with(Instant::now);
                     self.acks.insert(id);
                     self.dead.push((id, reason));
                 }
@@ -389,13 +420,23 @@ impl Writer {
     /// acknowledged rows, dead letters, expiry, and the gateway clock.
     fn commit(&mut self) {
         let now = Instant::now();
-        let expire = now >= self.next_expiry;
-        if self.pending.is_empty() && self.acks.is_empty() && self.dead.is_empty() && !expire {
+        let clock_ms = self.store.clock.now_ms();
+        // Expiry and the idle clock save write only when there is something to write: an
+        // idle gateway must not wear the flash with a commit every second.
+        let cutoff = clock_ms as i64 - self.config.max_age.as_millis() as i64;
+        let expire = now >= self.next_expiry && self.oldest_ts.is_some_and(|ts| ts < cutoff);
+        if now >= self.next_expiry {
+            self.next_expiry = now + EXPIRY_EVERY;
+        }
+        let work = !self.pending.is_empty() || !self.acks.is_empty() || !self.dead.is_empty();
+        if !work && !expire && now.duration_since(self.clock_saved) < CLOCK_SAVE_EVERY {
+            self.health.queue.now_ts.store(clock_ms, Ordering::Relaxed);
             return;
         }
+        self.clock_saved = now;
         let pending = std::mem::take(&mut self.pending);
         self.pending_since = None;
-        let clock_ms = self.store.clock.now_ms();
+        self.acks_since = None;
         let mut report = CommitReport::default();
         let result = self.write_batch(&pending, clock_ms, expire, &mut report);
         match result {
@@ -435,6 +476,7 @@ impl Writer {
                     self.pending = pending;
                     self.pending_since = Some(Instant::now());
                 } else {
+                    add(&self.health.counters.outbox_lost, pending.len() as u64);
                     error!(
                         lost = pending.len(),
                         "outbox cannot store messages; they are lost"
@@ -442,9 +484,6 @@ impl Writer {
                 }
                 self.reload_figures();
             }
-        }
-        if expire {
-            self.next_expiry = now + EXPIRY_EVERY;
         }
         self.publish_gauges();
     }
@@ -551,21 +590,21 @@ impl Writer {
         }
     }
 
-    fn publish_gauges(&self) {
+    fn publish_gauges(&mut self) {
         let queue = &self.health.queue;
         queue.rows.store(self.store.rows, Ordering::Relaxed);
         queue.bytes.store(self.store.bytes, Ordering::Relaxed);
         queue
             .now_ts
             .store(self.store.clock.now_ms(), Ordering::Relaxed);
-        let oldest = match self.store.oldest_ts() {
-            Ok(Some(ts)) => ts.max(0) as u64,
-            Ok(None) => u64::MAX,
+        self.oldest_ts = match self.store.oldest_ts() {
+            Ok(ts) => ts,
             Err(e) => {
                 self.db_error("reading the oldest row", &e);
-                u64::MAX
+                None
             }
         };
+        let oldest = self.oldest_ts.map_or(u64::MAX, |ts| ts.max(0) as u64);
         queue.oldest_ts.store(oldest, Ordering::Relaxed);
     }
 }

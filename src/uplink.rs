@@ -7,18 +7,19 @@
 //! only source of resends, so duplicates stay within the in-flight window.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
 use tokio::sync::watch;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::cloud::{error_chain, CloudLink};
 use crate::health::{add, LinkState, SharedHealth};
 use crate::outbox::{OutboxHandle, Row};
 
-/// Rows read from the outbox ahead of the in-flight window.
+/// Rows (and bytes of topic plus payload) read from the outbox ahead of the window.
 const PREFETCH: usize = 2048;
+const PREFETCH_BYTES: usize = 8 << 20;
 /// How long a clean shutdown waits for the cloud to acknowledge `offline`.
 const OFFLINE_ACK_WAIT: Duration = Duration::from_millis(1500);
 
@@ -38,18 +39,98 @@ enum Sent {
 
 enum End {
     Shutdown,
-    Lost { error: String, was_up: bool },
+    Lost {
+        error: String,
+        /// The link had been up long enough to count as working (backoff starts over).
+        was_up: bool,
+        /// Whether any row was acknowledged in this connection.
+        progressed: bool,
+        /// The oldest row in flight when the connection was lost.
+        head: Option<i64>,
+    },
+}
+
+/// A connection that lasted this long was a working link; a shorter one was a flap, and
+/// the backoff keeps growing (a cloud that drops us right after CONNACK is not hammered).
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+/// After this many lost connections in a row with the same oldest row in flight and nothing
+/// acknowledged, the cloud is taken to refuse one of the rows in flight (it hangs up on a
+/// size or topic it will not take), and the uplink sends one row at a time to find it.
+const POISON_LOSSES: u32 = 5;
+/// Rows acknowledged one at a time after which the link is trusted with the full window.
+const PROBE_CLEAR: u64 = 32;
+
+/// Finding the row the cloud refuses. With the full window the culprit may be any row in
+/// flight (the broker's reset also discards the PUBACKs of the rows before it), so after
+/// repeated losses rows go one at a time: a row that loses the connection twice alone is
+/// dead-lettered, and the rows behind it flow.
+#[derive(Debug, Default)]
+struct Poison {
+    suspect: Option<(i64, u32)>,
+    probing: bool,
+}
+
+impl Poison {
+    fn window(&self, max: usize) -> usize {
+        if self.probing {
+            1
+        } else {
+            max
+        }
+    }
+
+    /// Called after a lost connection; returns the row to dead-letter, if any.
+    fn after_loss(&mut self, head: Option<i64>, progressed: bool) -> Option<i64> {
+        self.suspect = match (head, self.suspect) {
+            (Some(head), Some((row, losses))) if head == row && !progressed => {
+                Some((row, losses + 1))
+            }
+            (Some(head), _) => Some((head, 1)),
+            (None, _) => None,
+        };
+        let (row, losses) = self.suspect?;
+        if self.probing && losses >= 2 {
+            self.clear();
+            return Some(row);
+        }
+        if !self.probing && losses >= POISON_LOSSES {
+            warn!(losses, "the cloud keeps closing the connection with nothing acknowledged; sending one message at a time to find the one it refuses");
+            self.probing = true;
+            self.suspect = None;
+        }
+        None
+    }
+
+    fn clear(&mut self) {
+        self.probing = false;
+        self.suspect = None;
+    }
 }
 
 impl Uplink {
     pub async fn run(mut self) {
         let mut reconnect = self.cloud.reconnect();
+        let mut poison = Poison::default();
         loop {
             self.health.telemetry.set(LinkState::Connecting);
             let (client, eventloop) = self.connect();
-            let End::Lost { error, was_up } = self.session(client, eventloop).await else {
+            let End::Lost {
+                error,
+                was_up,
+                progressed,
+                head,
+            } = self.session(client, eventloop, &mut poison).await
+            else {
                 return;
             };
+            if let Some(row) = poison.after_loss(head, progressed) {
+                let reason = format!(
+                    "the cloud closed the connection each time this message was sent alone ({error})"
+                );
+                if self.outbox.dead_letter(row, reason).await.is_err() {
+                    return;
+                }
+            }
             let go_on = reconnect
                 .after_failure(
                     &self.health,
@@ -81,7 +162,12 @@ impl Uplink {
         AsyncClient::new(options, c.max_inflight as usize + 16)
     }
 
-    async fn session(&mut self, client: AsyncClient, mut eventloop: EventLoop) -> End {
+    async fn session(
+        &mut self,
+        client: AsyncClient,
+        mut eventloop: EventLoop,
+        poison: &mut Poison,
+    ) -> End {
         let c = self.cloud.config.clone();
         loop {
             let event = tokio::select! {
@@ -100,6 +186,8 @@ impl Uplink {
                     return End::Lost {
                         error: format!("cloud refused the connection: {:?}", ack.code),
                         was_up: false,
+                        progressed: false,
+                        head: None,
                     };
                 }
                 Ok(_) => {}
@@ -107,12 +195,15 @@ impl Uplink {
                     return End::Lost {
                         error: error_chain(&e),
                         was_up: false,
+                        progressed: false,
+                        head: None,
                     }
                 }
             }
         }
         self.health.telemetry.set(LinkState::Up);
-        let mut window = Window::new(c.max_inflight as usize);
+        let up_at = Instant::now();
+        let mut window = Window::new(poison.window(c.max_inflight as usize));
         if client
             .publish(&c.status_topic, QoS::AtLeastOnce, true, "online")
             .await
@@ -127,16 +218,14 @@ impl Uplink {
             if buffer.len() < PREFETCH / 2 && *committed.borrow_and_update() > fetched_up_to {
                 match self
                     .outbox
-                    .fetch(fetched_up_to, PREFETCH - buffer.len())
+                    .fetch(fetched_up_to, PREFETCH - buffer.len(), PREFETCH_BYTES)
                     .await
                 {
-                    Ok(rows) => {
-                        if let Some(last) = rows.last() {
-                            fetched_up_to = last.id;
-                        } else {
-                            fetched_up_to = *committed.borrow();
-                        }
-                        buffer.extend(rows);
+                    Ok(fetched) => {
+                        // Empty: everything up to what was committed when the outbox read
+                        // is sent or gone (not what is committed now: that may be newer).
+                        fetched_up_to = fetched.rows.last().map_or(fetched.upto, |last| last.id);
+                        buffer.extend(fetched.rows);
                     }
                     Err(_) => return End::Shutdown,
                 }
@@ -164,10 +253,7 @@ impl Uplink {
                     .await
                     .is_err()
                 {
-                    return End::Lost {
-                        error: "telemetry client closed".into(),
-                        was_up: true,
-                    };
+                    return window.lost("telemetry client closed".into(), up_at);
                 }
                 window.sent.push_back(Sent::Row {
                     id: row.id,
@@ -181,8 +267,13 @@ impl Uplink {
                         if self.on_event(event, &mut window).await.is_err() {
                             return End::Shutdown;
                         }
+                        if poison.probing && window.acked_rows >= PROBE_CLEAR {
+                            info!("the cloud takes messages again; back to the full in-flight window");
+                            poison.clear();
+                            window.size = c.max_inflight as usize;
+                        }
                     }
-                    Err(e) => return End::Lost { error: error_chain(&e), was_up: true },
+                    Err(e) => return window.lost(error_chain(&e), up_at),
                 },
                 changed = committed.changed(), if want_rows => {
                     if changed.is_err() {
@@ -200,7 +291,10 @@ impl Uplink {
     async fn on_event(&self, event: Event, window: &mut Window) -> Result<(), ()> {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) => match window.sent.pop_front() {
-                Some(Sent::Row { id, qos: 0 }) => self.acked(id).await?,
+                Some(Sent::Row { id, qos: 0 }) => {
+                    window.acked_rows += 1;
+                    self.acked(id).await?
+                }
                 Some(Sent::Row { id, .. }) => {
                     window.inflight.insert(pkid, Some(id));
                 }
@@ -214,6 +308,7 @@ impl Uplink {
             },
             Event::Incoming(Packet::PubAck(ack)) => {
                 if let Some(Some(id)) = window.inflight.remove(&ack.pkid) {
+                    window.acked_rows += 1;
                     self.acked(id).await?;
                 }
             }
@@ -276,6 +371,8 @@ impl Uplink {
 /// The in-flight window: requests not yet turned into packets, and packets not yet acked.
 struct Window {
     size: usize,
+    /// Rows acknowledged (or written, QoS 0) in this connection.
+    acked_rows: u64,
     sent: VecDeque<Sent>,
     /// pkid -> outbox row (None for the status message).
     inflight: HashMap<u16, Option<i64>>,
@@ -285,6 +382,7 @@ impl Window {
     fn new(size: usize) -> Self {
         Window {
             size,
+            acked_rows: 0,
             sent: VecDeque::new(),
             inflight: HashMap::new(),
         }
@@ -292,6 +390,21 @@ impl Window {
 
     fn has_room(&self) -> bool {
         self.sent.len() + self.inflight.len() < self.size
+    }
+
+    /// How the connection ended, for the reconnect and poison-row logic.
+    fn lost(&self, error: String, up_at: Instant) -> End {
+        let in_flight = self.inflight.values().flatten().copied();
+        let requested = self.sent.iter().filter_map(|s| match s {
+            Sent::Row { id, .. } => Some(*id),
+            Sent::Status => None,
+        });
+        End::Lost {
+            error,
+            was_up: up_at.elapsed() >= STABLE_AFTER,
+            progressed: self.acked_rows > 0,
+            head: in_flight.chain(requested).min(),
+        }
     }
 }
 

@@ -317,3 +317,59 @@ async fn garbage_on_the_port_does_not_stop_other_clients() {
     assert_eq!(readings.len(), 3, "the dashboard stopped getting readings");
     assert!(gateway.is_running(), "the gateway died:\n{}", gateway.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_on_a_wildcard_topic_is_not_forwarded_and_blocks_nothing() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+
+    // Client libraries refuse such a topic; a broken device firmware does not.
+    let mut device = RawClient::connect(gateway.local_port).await;
+    device.send(&connect_packet("broken-firmware", 30)).await;
+    assert!(
+        device.read_packet(Duration::from_secs(5)).await.is_some(),
+        "CONNACK"
+    );
+    device
+        .send(&publish_qos1_packet("warehouse/zone1/te+mp", 1, b"25.5"))
+        .await;
+    assert!(
+        device.read_packet(Duration::from_secs(5)).await.is_some(),
+        "PUBACK"
+    );
+    let after = publish_many(
+        gateway.local_port,
+        "good-sensor",
+        "warehouse/zone1/temp",
+        3,
+        QoS::AtLeastOnce,
+    )
+    .await;
+
+    assert!(
+        collector.wait_for_count(3, Duration::from_secs(20)).await,
+        "the good readings did not arrive"
+    );
+    let status = gateway
+        .wait_status(Duration::from_secs(5), "the bad topic counted", |s| {
+            support::counter(s, "intake_invalid") == 1
+        })
+        .await;
+    assert_eq!(support::counter(&status, "forwarded"), 3);
+    let topics: Vec<String> = collector.messages().into_iter().map(|m| m.topic).collect();
+    assert!(
+        topics
+            .iter()
+            .all(|t| t == "fleet/gw-test/warehouse/zone1/temp"),
+        "{topics:?}"
+    );
+    let payloads: Vec<String> = collector
+        .messages()
+        .into_iter()
+        .map(|m| m.payload)
+        .collect();
+    assert_eq!(payloads, after);
+}

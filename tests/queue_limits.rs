@@ -215,3 +215,54 @@ async fn a_message_the_cloud_cannot_take_is_dead_lettered_and_the_rest_flows() {
     assert_eq!(counter(&status, "dead_lettered"), 1, "{status}");
     assert_eq!(counter(&status, "forwarded"), 15, "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_on_which_the_cloud_drops_the_connection_is_dead_lettered_and_the_rest_flows() {
+    let _serial = support::serial().await;
+    // The cloud takes packets up to 2 KiB and hangs up on larger ones; the gateway does not
+    // know that limit (its own cloud.max_packet_size is the default 256 KiB).
+    let cloud = Mosquitto::start_with("max_packet_size 2048");
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    let topic = "warehouse/line/camera";
+    let mut sent = rows(topic, 0..3, 100);
+    sent.push((topic.to_string(), payload(3, 4096)));
+    sent.extend(rows(topic, 4..8, 100));
+
+    publish_all(gateway.local_port, "camera", QoS::AtLeastOnce, sent.clone()).await;
+    let small: Vec<_> = sent
+        .iter()
+        .filter(|(_, p)| p.len() == 100)
+        .cloned()
+        .collect();
+    assert!(
+        collector
+            .wait_for_count(small.len(), Duration::from_secs(30))
+            .await,
+        "only {} of {} small messages arrived:\n{}",
+        collector.distinct(),
+        small.len(),
+        gateway.log()
+    );
+    collector.deliveries().assert_exactly(&expected(&small));
+    let status = gateway
+        .wait_status(
+            Duration::from_secs(10),
+            "one dead letter, the rest acknowledged",
+            |s| {
+                counter(s, "dead_lettered") == 1
+                    && counter(s, "forwarded") >= small.len() as u64
+                    && s["queue"]["rows"] == 0
+            },
+        )
+        .await;
+    assert_eq!(
+        counter(&status, "forwarded"),
+        small.len() as u64,
+        "{status}"
+    );
+    assert!(gateway
+        .log()
+        .contains("closed the connection each time this message was sent alone"));
+}

@@ -165,6 +165,16 @@ impl Intake {
                 let mut cloud_topic = String::with_capacity(rule.remote_prefix.len() + topic.len());
                 cloud_topic.push_str(&rule.remote_prefix);
                 cloud_topic.push_str(topic);
+                // rumqttd does not check publish topics: one with a wildcard (or too long)
+                // would make the cloud drop the connection on every resend.
+                if let Err(why) = topics::valid_topic(&cloud_topic) {
+                    inc(&self.health.counters.intake_invalid);
+                    if let Some(held) = self.invalid_log.check() {
+                        warn!(topic, reason = %why, earlier_warnings_suppressed = held,
+                            "local message not forwarded: its cloud topic is not a valid MQTT topic");
+                    }
+                    return true;
+                }
                 self.batch.push(NewMessage {
                     topic: cloud_topic,
                     size: (topic.len() + publish.payload.len()) as u64,

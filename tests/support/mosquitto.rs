@@ -23,16 +23,21 @@ pub struct Mosquitto {
 
 impl Mosquitto {
     pub fn start() -> Self {
-        Self::launch(false)
+        Self::launch(false, "")
+    }
+
+    /// A plain broker with extra lines in its config (e.g. `max_packet_size 2048`).
+    pub fn start_with(extra_conf: &str) -> Self {
+        Self::launch(false, extra_conf)
     }
 
     /// A plain listener plus a TLS listener whose server certificate (for 127.0.0.1 and
     /// localhost) is signed by a CA made for this broker: see [`Mosquitto::ca_pem_path`].
     pub fn start_tls() -> Self {
-        Self::launch(true)
+        Self::launch(true, "")
     }
 
-    fn launch(tls: bool) -> Self {
+    fn launch(tls: bool, extra_conf: &str) -> Self {
         let dir = tempfile::tempdir().expect("mosquitto tempdir");
         let port = free_port();
         let tls_port = tls.then(free_port);
@@ -48,6 +53,7 @@ impl Mosquitto {
              max_inflight_messages 100\n\
              log_type all\n\
              log_timestamp_format %H:%M:%S\n\
+             {extra_conf}\n\
              listener {port} 127.0.0.1\n",
             dir.path().join("persist").display()
         );
