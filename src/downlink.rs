@@ -12,7 +12,6 @@ use rumqttc::{
 };
 use rumqttd::local::LinkError;
 use rumqttd::protocol::Packet as RouterPacket;
-use rumqttd::Notification;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -268,21 +267,15 @@ async fn handoff(
         .map_err(link_err)?;
     let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
     loop {
-        let next = tokio::time::timeout_at(deadline, link.rx.next())
+        let next = tokio::time::timeout_at(deadline, link.next())
             .await
             .map_err(|_| DownlinkError::HandoffTimeout(HANDOFF_TIMEOUT))?
             .map_err(link_err)?;
-        match next {
-            Some(Notification::Unschedule) => link.rx.wake().await.map_err(link_err)?,
-            Some(notification @ (Notification::DeviceAck(_) | Notification::Disconnect(..))) => {
-                // rumqttd does not export its Ack type; its Packet form is public.
-                match Option::<RouterPacket>::from(notification) {
-                    Some(RouterPacket::PubAck(ack, _)) if ack.pkid == pkid => return Ok(()),
-                    Some(RouterPacket::Disconnect(..)) => {
-                        return Err(DownlinkError::Link("disconnected by the broker".into()))
-                    }
-                    _ => {}
-                }
+        // rumqttd does not export its Ack type; its Packet form is public.
+        match next.and_then(Option::<RouterPacket>::from) {
+            Some(RouterPacket::PubAck(ack, _)) if ack.pkid == pkid => return Ok(()),
+            Some(RouterPacket::Disconnect(..)) => {
+                return Err(DownlinkError::Link("disconnected by the broker".into()))
             }
             _ => {}
         }

@@ -390,14 +390,13 @@ pub async fn run_reporter(
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_states = (LinkState::Connecting, LinkState::Connecting);
+    let mut link_open = true;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             // The link's notifications must be read, or the broker stalls it.
-            next = link.rx.next() => {
-                if let Ok(Some(rumqttd::Notification::Unschedule)) = next {
-                    let _ = link.rx.wake().await;
-                }
+            next = link.next(), if link_open => {
+                link_open = next.is_ok();
                 continue;
             }
             _ = shutdown.changed() => {

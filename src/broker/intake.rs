@@ -1,8 +1,6 @@
 //! The intake: one subscription to everything on the local broker, our own rule matching
 //! (overlapping filters must not deliver a message twice), and the hand-off to the outbox.
 
-use std::future::Future;
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use rumqttd::local::LinkError;
@@ -54,21 +52,21 @@ pub async fn run_intake(
     };
     loop {
         let next = tokio::select! {
-            next = link.rx.next() => next,
+            next = link.next() => next,
             _ = shutdown.changed() => break,
         };
-        if !intake.take(&mut link, next).await || !intake.flush().await {
+        if !intake.take(&mut link, next) || !intake.flush().await {
             return;
         }
     }
     let deadline = tokio::time::Instant::now() + DRAIN_MAX;
     while let Ok(next) = tokio::time::timeout_at(
         deadline.min(tokio::time::Instant::now() + DRAIN_QUIET),
-        link.rx.next(),
+        link.next(),
     )
     .await
     {
-        if !intake.take(&mut link, next).await || !intake.flush().await {
+        if !intake.take(&mut link, next) || !intake.flush().await {
             return;
         }
     }
@@ -76,15 +74,6 @@ pub async fn run_intake(
 
 /// Messages handed to the outbox at once: everything the broker had ready, up to this.
 const MAX_BATCH: usize = 1024;
-
-/// The next notification if the link has one ready, without waiting.
-fn ready(rx: &mut rumqttd::local::LinkRx) -> Option<Result<Option<Notification>, LinkError>> {
-    let mut next = std::pin::pin!(rx.next());
-    match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-        Poll::Ready(result) => Some(result),
-        Poll::Pending => None,
-    }
-}
 
 struct Intake {
     rules: Vec<IntakeRule>,
@@ -97,18 +86,14 @@ struct Intake {
 impl Intake {
     /// Takes `next` and whatever else the link has ready into the batch; false when the
     /// intake cannot go on (link gone).
-    async fn take(
-        &mut self,
-        link: &mut Link,
-        next: Result<Option<Notification>, LinkError>,
-    ) -> bool {
-        if !self.handle(link, next).await {
+    fn take(&mut self, link: &mut Link, next: Result<Option<Notification>, LinkError>) -> bool {
+        if !self.handle(next) {
             return false;
         }
         while self.batch.len() < MAX_BATCH {
-            match ready(&mut link.rx) {
+            match link.try_next() {
                 Some(next) => {
-                    if !self.handle(link, next).await {
+                    if !self.handle(next) {
                         return false;
                     }
                 }
@@ -132,7 +117,7 @@ impl Intake {
     }
 
     /// Returns false when the intake cannot go on (link gone).
-    async fn handle(&mut self, link: &Link, next: Result<Option<Notification>, LinkError>) -> bool {
+    fn handle(&mut self, next: Result<Option<Notification>, LinkError>) -> bool {
         let notification = match next {
             Ok(Some(n)) => n,
             Ok(None) => return true,
@@ -141,55 +126,47 @@ impl Intake {
                 return false;
             }
         };
-        match notification {
-            Notification::Forward(forward) => {
-                let publish = forward.publish;
-                let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-                    inc(&self.health.counters.intake_invalid);
-                    if let Some(held) = self.invalid_log.check() {
-                        warn!(
-                            earlier_warnings_suppressed = held,
-                            "local message with a non-UTF-8 topic not forwarded"
-                        );
-                    }
-                    return true;
-                };
-                let Some(rule) = self
-                    .rules
-                    .iter()
-                    .find(|r| topics::matches(&r.filter, topic))
-                else {
-                    return true;
-                };
-                inc(&self.health.counters.received);
-                let mut cloud_topic = String::with_capacity(rule.remote_prefix.len() + topic.len());
-                cloud_topic.push_str(&rule.remote_prefix);
-                cloud_topic.push_str(topic);
-                // rumqttd does not check publish topics: one with a wildcard (or too long)
-                // would make the cloud drop the connection on every resend.
-                if let Err(why) = topics::valid_topic(&cloud_topic) {
-                    inc(&self.health.counters.intake_invalid);
-                    if let Some(held) = self.invalid_log.check() {
-                        warn!(topic, reason = %why, earlier_warnings_suppressed = held,
-                            "local message not forwarded: its cloud topic is not a valid MQTT topic");
-                    }
-                    return true;
-                }
-                self.batch.push(NewMessage {
-                    topic: cloud_topic,
-                    size: (topic.len() + publish.payload.len()) as u64,
-                    payload: publish.payload,
-                    qos: rule.qos,
-                });
+        let Notification::Forward(forward) = notification else {
+            return true;
+        };
+        let publish = forward.publish;
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            inc(&self.health.counters.intake_invalid);
+            if let Some(held) = self.invalid_log.check() {
+                warn!(
+                    earlier_warnings_suppressed = held,
+                    "local message with a non-UTF-8 topic not forwarded"
+                );
             }
-            Notification::Unschedule => {
-                if let Err(e) = link.rx.wake().await {
-                    warn!(error = %e, "intake could not resume its link");
-                    return false;
-                }
+            return true;
+        };
+        let Some(rule) = self
+            .rules
+            .iter()
+            .find(|r| topics::matches(&r.filter, topic))
+        else {
+            return true;
+        };
+        inc(&self.health.counters.received);
+        let mut cloud_topic = String::with_capacity(rule.remote_prefix.len() + topic.len());
+        cloud_topic.push_str(&rule.remote_prefix);
+        cloud_topic.push_str(topic);
+        // rumqttd does not check publish topics: one with a wildcard (or too long)
+        // would make the cloud drop the connection on every resend.
+        if let Err(why) = topics::valid_topic(&cloud_topic) {
+            inc(&self.health.counters.intake_invalid);
+            if let Some(held) = self.invalid_log.check() {
+                warn!(topic, reason = %why, earlier_warnings_suppressed = held,
+                    "local message not forwarded: its cloud topic is not a valid MQTT topic");
             }
-            _ => {}
+            return true;
         }
+        self.batch.push(NewMessage {
+            topic: cloud_topic,
+            size: (topic.len() + publish.payload.len()) as u64,
+            payload: publish.payload,
+            qos: rule.qos,
+        });
         true
     }
 }

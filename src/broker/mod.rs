@@ -11,8 +11,11 @@ mod intake;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
-use rumqttd::local::{LinkRx, LinkTx};
-use rumqttd::{Broker, ConnectionSettings, RouterConfig, ServerSettings};
+use std::future::Future;
+use std::task::{Context, Poll, Waker};
+
+use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::{Broker, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tracing::{error, info};
 
 use crate::config::LocalConfig;
@@ -54,6 +57,30 @@ pub struct LocalBroker {
 pub struct Link {
     pub tx: LinkTx,
     pub rx: LinkRx,
+}
+
+impl Link {
+    /// The next notification for this link. rumqttd stops feeding a link that was sent
+    /// `Unschedule` until the link says it is ready again (forgetting that stalls the link
+    /// and then loses data); that is done here, for every link. The ready signal is sent
+    /// synchronously, so cancelling this future never loses it.
+    pub async fn next(&mut self) -> Result<Option<Notification>, LinkError> {
+        loop {
+            match self.rx.next().await? {
+                Some(Notification::Unschedule) => self.rx.ready()?,
+                other => return Ok(other),
+            }
+        }
+    }
+
+    /// The next notification if the broker has one ready, without waiting.
+    pub fn try_next(&mut self) -> Option<Result<Option<Notification>, LinkError>> {
+        let mut next = std::pin::pin!(self.next());
+        match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(result) => Some(result),
+            Poll::Pending => None,
+        }
+    }
 }
 
 impl LocalBroker {

@@ -128,6 +128,7 @@ async fn run_publisher(
     mut out: mpsc::Receiver<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut link_open = true;
     loop {
         tokio::select! {
             message = out.recv() => {
@@ -138,11 +139,8 @@ async fn run_publisher(
                     return;
                 }
             }
-            next = link.rx.next() => {
-                if let Ok(Some(Notification::Unschedule)) = next {
-                    let _ = link.rx.wake().await;
-                }
-            }
+            // The link's notifications must be read, or the broker stalls it.
+            next = link.next(), if link_open => link_open = next.is_ok(),
             _ = shutdown.changed() => return,
         }
     }
@@ -164,15 +162,11 @@ async fn run_router(
     let mut busy_log = RateLimit::new(Duration::from_secs(10));
     loop {
         let next = tokio::select! {
-            next = link.rx.next() => next,
+            next = link.next() => next,
             _ = shutdown.changed() => return,
         };
         let forward = match next {
             Ok(Some(Notification::Forward(forward))) => forward,
-            Ok(Some(Notification::Unschedule)) => {
-                let _ = link.rx.wake().await;
-                continue;
-            }
             Ok(_) => continue,
             Err(e) => {
                 warn!(error = %e, "field commands: the local broker link failed; commands stop");
