@@ -35,8 +35,11 @@ pub fn init(health: SharedHealth) {
     match journald {
         Some(journald) => registry
             .with(
+                // Fields as journald fields without a prefix: COMPONENT (the task),
+                // DEVICE, TOPIC, PEER, CLIENT_ID, ... (`journalctl COMPONENT=uplink`).
                 journald
                     .with_syslog_identifier("bridgehead".into())
+                    .with_field_prefix(None)
                     .with_filter(filter),
             )
             .init(),

@@ -72,6 +72,8 @@ enum Command {
         reason: String,
     },
     Shutdown(oneshot::Sender<()>),
+    /// New `[queue]` settings from a reload.
+    Reconfigure(QueueConfig),
 }
 
 /// The answer to a fetch.
@@ -128,6 +130,11 @@ impl OutboxHandle {
     /// The highest committed row id; changes after every group commit.
     pub fn committed(&self) -> watch::Receiver<i64> {
         self.committed.clone()
+    }
+
+    /// Applies new `[queue]` settings (a reload) from the next command on.
+    pub async fn reconfigure(&self, config: QueueConfig) -> Result<(), OutboxError> {
+        self.send(Command::Reconfigure(config)).await
     }
 
     /// Commits what is pending and stops the writer.
@@ -402,6 +409,7 @@ impl Writer {
                     let _ = reply.send(());
                     return;
                 }
+                Ok(Command::Reconfigure(config)) => self.reconfigure(config),
                 Err(flume::RecvTimeoutError::Timeout) => self.commit(),
                 Err(flume::RecvTimeoutError::Disconnected) => {
                     self.commit();
@@ -409,6 +417,41 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// New settings apply from now on. A smaller `max_size` applies `when_full` once:
+    /// `drop-oldest` drops the oldest rows until the rest fits (counted in `dropped_full`),
+    /// `reject-new` keeps them and refuses new messages until the queue is below it.
+    fn reconfigure(&mut self, config: QueueConfig) {
+        if config.fsync != self.config.fsync {
+            let mode = if config.fsync { "FULL" } else { "NORMAL" };
+            if let Err(e) = self.store.conn.pragma_update(None, "synchronous", mode) {
+                self.db_error("changing queue.synchronous", &e);
+            }
+        }
+        self.config = config;
+        self.commit();
+        if self.store.bytes <= self.config.max_size || self.config.when_full != WhenFull::DropOldest
+        {
+            return;
+        }
+        let need = self.store.bytes - self.config.max_size;
+        let evicted = self.store.conn.transaction().and_then(|tx| {
+            let freed = evict_oldest(&tx, need)?;
+            tx.commit()?;
+            Ok(freed)
+        });
+        match evicted {
+            Ok((rows, bytes)) => {
+                self.store.rows -= rows;
+                self.store.bytes -= bytes;
+                add(&self.health.counters.dropped_full, rows);
+                warn!(dropped_oldest = rows, max_size = self.config.max_size,
+                    "queue.max_size lowered below the outbox's content: oldest messages dropped (queue.when_full)");
+            }
+            Err(e) => self.db_error("shrinking the outbox to the new queue.max_size", &e),
+        }
+        self.publish_gauges();
     }
 
     fn db_error(&self, what: &str, e: &rusqlite::Error) {

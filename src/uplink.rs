@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::cloud::{error_chain, CloudLink};
 use crate::health::{add, LinkState, SharedHealth};
 use crate::outbox::{OutboxHandle, Row};
+use crate::reload::CloudControl;
 
 /// Rows (and bytes of topic plus payload) read from the outbox ahead of the window.
 const PREFETCH: usize = 2048;
@@ -28,6 +29,8 @@ pub struct Uplink {
     pub outbox: OutboxHandle,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
+    /// New `[cloud]` settings from a reload end the connection; the next one uses them.
+    pub control: CloudControl,
 }
 
 /// What a request sent to rumqttc stands for, in request order.
@@ -39,6 +42,8 @@ enum Sent {
 
 enum End {
     Shutdown,
+    /// New cloud settings: reconnect with them at once.
+    Reconfigured,
     Lost {
         error: String,
         /// The link had been up long enough to count as working (backoff starts over).
@@ -112,17 +117,20 @@ impl Uplink {
         let mut reconnect = self.cloud.reconnect();
         let mut poison = Poison::default();
         loop {
+            self.cloud = self.control.cloud();
             self.health.telemetry.set(LinkState::Connecting);
             let (client, eventloop) = self.connect();
-            let End::Lost {
-                error,
-                was_up,
-                progressed,
-                head,
-            } = self.session(client, eventloop, &mut poison).await
-            else {
-                return;
-            };
+            let (error, was_up, progressed, head) =
+                match self.session(client, eventloop, &mut poison).await {
+                    End::Lost {
+                        error,
+                        was_up,
+                        progressed,
+                        head,
+                    } => (error, was_up, progressed, head),
+                    End::Reconfigured => continue,
+                    End::Shutdown => return,
+                };
             if let Some(row) = poison.after_loss(head, progressed) {
                 let reason = format!(
                     "the cloud closed the connection each time this message was sent alone ({error})"
@@ -131,8 +139,8 @@ impl Uplink {
                     return;
                 }
             }
-            let go_on = reconnect
-                .after_failure(
+            let go_on = tokio::select! {
+                go_on = reconnect.after_failure(
                     &self.health,
                     &self.health.telemetry,
                     &self.cloud.config.client_id,
@@ -140,8 +148,9 @@ impl Uplink {
                     &error,
                     was_up,
                     &mut self.shutdown,
-                )
-                .await;
+                ) => go_on,
+                _ = self.control.cloud_changed() => true,
+            };
             if !go_on {
                 return;
             }
@@ -173,6 +182,7 @@ impl Uplink {
             let event = tokio::select! {
                 event = eventloop.poll() => event,
                 _ = self.shutdown.changed() => return End::Shutdown,
+                _ = self.control.cloud_changed() => return End::Reconfigured,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack)))
@@ -283,6 +293,11 @@ impl Uplink {
                 _ = self.shutdown.changed() => {
                     self.go_offline(&client, &mut eventloop, &mut window).await;
                     return End::Shutdown;
+                }
+                _ = self.control.cloud_changed() => {
+                    info!("cloud settings changed: reconnecting with them; unacknowledged messages are resent from the outbox");
+                    self.go_offline(&client, &mut eventloop, &mut window).await;
+                    return End::Reconfigured;
                 }
             }
         }
