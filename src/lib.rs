@@ -102,7 +102,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
             shutdown.clone(),
         ),
     );
-    supervisor.spawn(
+    let uplink = supervisor.spawn(
         "uplink",
         uplink::Uplink {
             cloud: cloud.clone(),
@@ -217,7 +217,10 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     systemd::stopping();
     let _ = shutdown_tx.send(true);
     let finished = tokio::time::timeout(SHUTDOWN_BUDGET, async {
+        // The intake hands over what the broker already accepted, the uplink reports what
+        // the cloud acknowledged, then the outbox writes what is left.
         supervisor.join(&intake).await;
+        supervisor.join(&uplink).await;
         if let Err(e) = outbox.shutdown().await {
             warn!(error = %e, "closing the outbox");
         }

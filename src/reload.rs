@@ -171,6 +171,7 @@ pub fn intake_rules(config: &Config) -> Arc<Vec<IntakeRule>> {
                 filter: r.topic.clone(),
                 remote_prefix: r.remote_prefix.clone(),
                 qos: r.qos as u8,
+                lane: r.drain,
             })
             .collect(),
     )

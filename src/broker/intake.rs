@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use super::Link;
 use crate::health::{inc, RateLimit, SharedHealth};
-use crate::outbox::{NewMessage, OutboxHandle};
+use crate::outbox::{Lane, NewMessage, OutboxHandle};
 use crate::supervisor::Probe;
 use crate::topics;
 
@@ -21,6 +21,7 @@ pub struct IntakeRule {
     pub filter: String,
     pub remote_prefix: String,
     pub qos: u8,
+    pub lane: Lane,
 }
 
 /// After shutdown is signalled, keep draining what the broker already accepted until it has
@@ -181,6 +182,7 @@ impl Intake {
             size: (topic.len() + publish.payload.len()) as u64,
             payload: publish.payload,
             qos: rule.qos,
+            lane: rule.lane,
         });
         true
     }

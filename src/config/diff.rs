@@ -141,7 +141,7 @@ impl ConfigDiff {
                 .cloned()
                 .collect(),
             queue: changed_keys!(old.queue, new.queue, "queue": max_size, when_full,
-                max_age, commit_interval, commit_batch, fsync),
+                max_age, commit_interval, commit_batch),
             modbus: DeviceChanges::between(&old.modbus, &new.modbus, |d: &ModbusDevice| &d.name),
             serial: DeviceChanges::between(&old.serial, &new.serial, |s: &SerialSensor| &s.name),
             local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
@@ -239,6 +239,7 @@ pub fn applicable(started: &Config, new: &Config) -> Config {
     let mut config = new.clone();
     config.gateway.data_dir = started.gateway.data_dir.clone();
     config.local.max_payload = started.local.max_payload;
+    config.queue.fsync = started.queue.fsync;
     // rumqttd's MQTT 5 server exists only if it was configured at start.
     if started.local.listen_v5.is_none() != new.local.listen_v5.is_none() {
         config.local.listen_v5 = started.local.listen_v5;
@@ -256,6 +257,9 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
     }
     if new.local.max_payload != started.local.max_payload {
         keys.push("local.max_payload");
+    }
+    if new.queue.fsync != started.queue.fsync {
+        keys.push("queue.synchronous");
     }
     if new.local.listen_v5.is_none() != started.local.listen_v5.is_none() {
         keys.push("local.listen_v5");
