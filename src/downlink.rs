@@ -69,7 +69,8 @@ impl Downlink {
     /// the gateway must restart.
     pub async fn run(mut self) -> Result<(), DownlinkError> {
         let mut reconnect = self.cloud.reconnect();
-        let mut handed = Handed::open(&self.data_dir, REMEMBERED);
+        // Opening a database is blocking work: off the async workers.
+        let mut handed = tokio::task::block_in_place(|| Handed::open(&self.data_dir, REMEMBERED));
         let mut pkid = 0u16;
         // Rules the cloud session may still hold subscriptions for, when they changed while
         // the link was down: the subscriptions are changed once it is up.

@@ -394,6 +394,55 @@ async fn a_rotated_cloud_ca_file_is_picked_up_without_a_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moving_local_listen_keeps_connected_devices_connected() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    let mut dashboard = LocalSubscriber::connect(
+        gateway.local_port,
+        "dashboard",
+        true,
+        Some(("warehouse/#", QoS::AtLeastOnce)),
+    )
+    .await;
+
+    let new_port = support::free_port();
+    let text = gateway.config_text().replace(
+        &format!("listen = \"127.0.0.1:{}\"", gateway.local_port),
+        &format!("listen = \"127.0.0.1:{new_port}\""),
+    );
+    apply(&gateway, &text, Edit::Rename).await;
+    assert!(
+        !support::accepts(gateway.local_port),
+        "the old port still listens"
+    );
+    let sent = publish_many(new_port, "sensor", "warehouse/moved", 5, QoS::AtLeastOnce).await;
+
+    let seen = dashboard.recv_n(5, Duration::from_secs(5)).await;
+    assert_eq!(
+        seen.len(),
+        5,
+        "the dashboard connected before the move missed messages"
+    );
+    assert!(
+        dashboard.still_connected(),
+        "the move disconnected the dashboard"
+    );
+    assert!(collector.wait_for_count(5, Duration::from_secs(10)).await);
+    collector.deliveries().assert_exactly(&Expected::from([(
+        format!("{CLOUD_PREFIX}warehouse/moved"),
+        sent,
+    )]));
+    assert!(
+        gateway.log().contains("front door applied (local.listen)"),
+        "{}",
+        gateway.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_reloads_during_a_burst_cost_little_throughput() {
     let _serial = support::serial().await;
     let cloud = Mosquitto::start();

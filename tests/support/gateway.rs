@@ -314,15 +314,30 @@ impl Gateway {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
+        self.wait_doc("live status", || self.live_status(), timeout, what, pred)
+            .await
+    }
+
+    /// Polls `read` until its document satisfies `pred`; panics with the last document
+    /// and the log if it does not within `timeout`.
+    async fn wait_doc(
+        &self,
+        source: &str,
+        read: impl Fn() -> Option<Value>,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + timeout;
         loop {
-            let status = self.live_status();
+            let status = read();
             if let Some(status) = status.as_ref().filter(|s| pred(s)) {
                 return status.clone();
             }
             if Instant::now() >= deadline {
                 panic!(
-                    "live status: not {what} within {timeout:?}; last: {}\n--- gateway log ---\n{}",
+                    "{source}: not {what} within {timeout:?}; last: {}\n\
+                     --- gateway log ---\n{}",
                     status.map_or("none".to_string(), |s| s.to_string()),
                     tail(&self.log_path, 60)
                 );
@@ -374,22 +389,8 @@ impl Gateway {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if let Some(status) = status.as_ref().filter(|s| pred(s)) {
-                return status.clone();
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "gateway status: not {what} within {timeout:?}; last status.json: {}\n\
-                     --- gateway log ---\n{}",
-                    status.map_or("none".to_string(), |s| s.to_string()),
-                    tail(&self.log_path, 60)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_doc("gateway status.json", || self.status(), timeout, what, pred)
+            .await
     }
 
     /// Waits until both cloud links report `up`.
