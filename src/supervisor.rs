@@ -8,6 +8,7 @@
 //! gateway.
 
 use std::collections::{HashMap, HashSet};
+use std::convert::Infallible;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -224,12 +225,21 @@ pub struct Probe {
 
 impl Probe {
     /// Answers probes forever: one arm of the task's `select!` wherever it waits.
-    pub async fn serve(&mut self) {
+    pub async fn serve(&mut self) -> Infallible {
         loop {
             if self.asked.changed().await.is_err() {
                 return std::future::pending().await;
             }
             self.tick();
+        }
+    }
+
+    /// Runs `work` while answering probes: for a wait that is bounded but may be long (a
+    /// Modbus request with a 60 s timeout) and is progress, not a hang.
+    pub async fn answering<F: Future>(&mut self, work: F) -> F::Output {
+        tokio::select! {
+            output = work => output,
+            never = self.serve() => match never {},
         }
     }
 

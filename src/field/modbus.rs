@@ -275,27 +275,10 @@ impl Bus {
             .map(|d| d.config.timeout)
             .max()
             .unwrap_or(Duration::from_secs(1));
-        let opened = match &self.transport {
-            Transport::Tcp(address) => {
-                let address = address.clone();
-                match tokio::time::timeout(
-                    timeout.max(Duration::from_secs(1)),
-                    connect_tcp(&address),
-                )
-                .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(format!("connecting to {address} timed out")),
-                }
-            }
-            Transport::Rtu(line) => {
-                // Opening a serial port is a blocking system call.
-                let line = line.clone();
-                tokio::task::spawn_blocking(move || open_rtu(&line))
-                    .await
-                    .unwrap_or_else(|e| Err(format!("opening the serial port: {e}")))
-            }
-        };
+        let opened = self
+            .probe
+            .answering(open_bus(self.transport.clone(), timeout))
+            .await;
         match opened {
             Ok(conn) => {
                 self.conn = Some(conn);
@@ -407,7 +390,10 @@ impl Bus {
             return Err(Fault::Transport(format!("{} is not open", self.name)));
         };
         conn.set_slave(Slave(unit));
-        let outcome = tokio::time::timeout(timeout, conn.call(request)).await;
+        let outcome = self
+            .probe
+            .answering(tokio::time::timeout(timeout, conn.call(request)))
+            .await;
         if !self.silence.is_zero() {
             tokio::time::sleep(self.silence).await;
         }
@@ -591,6 +577,23 @@ fn due(
 fn backoff(failures: u32) -> Duration {
     let factor = 1u32 << failures.saturating_sub(1).min(16);
     (BACKOFF_MIN * factor).min(BACKOFF_MAX)
+}
+
+/// Opens a bus's TCP connection or serial port (on a blocking thread: opening a port is a
+/// blocking system call).
+async fn open_bus(transport: Transport, timeout: Duration) -> Result<Context, String> {
+    match transport {
+        Transport::Tcp(address) => {
+            let connecting = connect_tcp(&address);
+            match tokio::time::timeout(timeout.max(Duration::from_secs(1)), connecting).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("connecting to {address} timed out")),
+            }
+        }
+        Transport::Rtu(line) => tokio::task::spawn_blocking(move || open_rtu(&line))
+            .await
+            .unwrap_or_else(|e| Err(format!("opening the serial port: {e}"))),
+    }
 }
 
 async fn connect_tcp(address: &str) -> Result<Context, String> {
