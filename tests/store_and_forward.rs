@@ -259,19 +259,24 @@ async fn a_gateway_without_downlink_rules_forwards_and_keeps_running() {
     assert!(status.success(), "exit status {status}");
 }
 
-/// Sequenced messages `id:000000`, ... on `warehouse/load/<id>`.
-fn sequence(id: &str, n: usize) -> (String, Vec<String>, Vec<(String, Vec<u8>)>) {
-    let topic = format!("warehouse/load/{id}");
+/// Sequenced messages `id:000000`, `id:000001`, ... on the local `topic`.
+struct Sequence {
+    cloud_topic: String,
+    payloads: Vec<String>,
+    messages: Vec<(String, Vec<u8>)>,
+}
+
+fn sequence(topic: &str, id: &str, n: usize) -> Sequence {
     let payloads: Vec<String> = (0..n).map(|i| support::seq_payload(id, i)).collect();
     let messages = payloads
         .iter()
-        .map(|p| (topic.clone(), p.clone().into_bytes()))
+        .map(|p| (topic.to_string(), p.clone().into_bytes()))
         .collect();
-    (
-        format!("{}{topic}", support::CLOUD_PREFIX),
+    Sequence {
+        cloud_topic: format!("{}{topic}", support::CLOUD_PREFIX),
         payloads,
         messages,
-    )
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +292,11 @@ async fn kill_9_with_a_slow_cloud_loses_nothing_older_than_commit_interval() {
     // Acknowledgements now come 2 s late: every message outlives commit_interval unacked.
     link.slow_down(Duration::from_secs(2));
 
-    let (topic, payloads, messages) = sequence("sensor", 400);
+    let Sequence {
+        cloud_topic: topic,
+        payloads,
+        messages,
+    } = sequence("warehouse/load/sensor", "sensor", 400);
     let sent = support::publish_paced(
         gateway.local_port,
         "sensor",
@@ -405,12 +414,13 @@ async fn a_live_first_rule_sends_new_readings_ahead_of_the_backlog() {
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
     link.cut();
     let backlog = telemetry_burst(gateway.local_port, 4, 20_000, Duration::ZERO).await;
-    let (alarm_topic, _, old_alarms) = alarm_sequence("old", 500);
+    let old = sequence("warehouse/alarm/old", "old", 500);
+    let alarm_topic = old.cloud_topic;
     support::publish_all(
         gateway.local_port,
         "alarm-old",
         support::QoS::AtLeastOnce,
-        old_alarms,
+        old.messages,
     )
     .await;
     gateway
@@ -425,7 +435,11 @@ async fn a_live_first_rule_sends_new_readings_ahead_of_the_backlog() {
             s["cloud"]["telemetry"] == "up"
         })
         .await;
-    let (live_topic, live_payloads, live) = alarm_sequence("live", 20);
+    let Sequence {
+        cloud_topic: live_topic,
+        payloads: live_payloads,
+        messages: live,
+    } = sequence("warehouse/alarm/live", "live", 20);
     let sent = support::publish_paced(
         gateway.local_port,
         "alarm-live",
@@ -484,20 +498,6 @@ async fn a_live_first_rule_sends_new_readings_ahead_of_the_backlog() {
     assert_eq!(deliveries.first[&alarm_topic].len(), 500);
 }
 
-fn alarm_sequence(id: &str, n: usize) -> (String, Vec<String>, Vec<(String, Vec<u8>)>) {
-    let topic = format!("warehouse/alarm/{id}");
-    let payloads: Vec<String> = (0..n).map(|i| support::seq_payload(id, i)).collect();
-    let messages = payloads
-        .iter()
-        .map(|p| (topic.clone(), p.clone().into_bytes()))
-        .collect();
-    (
-        format!("{}{topic}", support::CLOUD_PREFIX),
-        payloads,
-        messages,
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_100_messages_a_second_on_a_healthy_link_the_gateway_spares_the_disk() {
     let _serial = support::serial().await;
@@ -512,7 +512,7 @@ async fn at_100_messages_a_second_on_a_healthy_link_the_gateway_spares_the_disk(
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
 
     let before = gateway.write_bytes();
-    let (_, _, messages) = sequence("sensor", 800);
+    let messages = sequence("warehouse/load/sensor", "sensor", 800).messages;
     support::publish_paced(
         gateway.local_port,
         "sensor",
