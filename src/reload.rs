@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, error, info, warn};
+use tracing::{debug, error, info, warn, Instrument};
 
 use crate::broker::front_door::Limits;
 use crate::broker::listeners::Listeners;
@@ -250,8 +250,22 @@ impl Live {
         (live, receivers)
     }
 
-    /// Applies a newly loaded config (or reports why it cannot be).
+    /// Applies a newly loaded config (or reports why it cannot be); its log lines carry
+    /// `component = "reload"`.
     pub async fn reload(
+        &mut self,
+        supervisor: &mut Supervisor,
+        config_path: &Path,
+        loaded: Result<Config, ConfigError>,
+        trigger: &str,
+    ) {
+        let span = tracing::info_span!("task", component = "reload");
+        self.reload_now(supervisor, config_path, loaded, trigger)
+            .instrument(span)
+            .await
+    }
+
+    async fn reload_now(
         &mut self,
         supervisor: &mut Supervisor,
         config_path: &Path,
@@ -283,7 +297,12 @@ impl Live {
         if diff.is_empty() {
             self.files = stamps;
             let restart: Vec<String> = diff.restart_needed.iter().map(|k| k.to_string()).collect();
-            info!(trigger, "reload: no change");
+            if restart.is_empty() {
+                info!(trigger, "reload: no change");
+            } else {
+                warn!(trigger, keys = %restart.join(", "),
+                    "reload: nothing to apply live; changed keys that only a restart applies: restart the gateway to apply them");
+            }
             self.record("unchanged", "no change".into(), Vec::new(), Some(restart));
             return;
         }
