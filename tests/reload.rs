@@ -335,13 +335,72 @@ async fn an_invalid_edit_is_refused_with_line_and_key_and_fixing_it_applies() {
         sent,
     )]));
 
-    let fixed = good.replace("[queue]\n", "[queue]\nmax_size = \"1MiB\"\n");
+    // Fixed, with one key that only a restart applies: the rest applies, that key is named.
+    let fixed = good
+        .replace("[queue]\n", "[queue]\nmax_size = \"1MiB\"\n")
+        .replace("[local]\n", "[local]\nmax_payload = \"128KiB\"\n");
     apply(&gateway, &fixed, Edit::Rename).await;
     let status = gateway.live_status().expect("status");
     assert_eq!(
         status["config"]["last_reload"]["result"], "applied",
         "{status}"
     );
+    assert_eq!(
+        status["config"]["restart_needed"],
+        serde_json::json!(["local.max_payload"]),
+        "{status}"
+    );
+    let summary = status["config"]["last_reload"]["summary"].to_string();
+    assert!(
+        summary.contains("queue applied (queue.max_size)"),
+        "{summary}"
+    );
+    assert!(
+        summary.contains("restart needed for local.max_payload"),
+        "{summary}"
+    );
+    let (_, text) = gateway.status_command(false);
+    assert!(
+        text.contains("restart    needed to apply local.max_payload"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_queue_max_size_drops_the_oldest_backlog_once_counted() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let link = Proxy::start(cloud.port).await;
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let gateway = Gateway::start(GatewayConfig::new(link.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    link.cut();
+    gateway
+        .wait_live(Duration::from_secs(10), "telemetry link down", |s| {
+            s["cloud"]["telemetry"] != "up"
+        })
+        .await;
+    let topic = "warehouse/backlog";
+    let sent = publish_many(gateway.local_port, "sensor", topic, 100, QoS::AtLeastOnce).await;
+    // 30 bytes each (local topic plus payload): room for the newest 40.
+    let text = gateway
+        .config_text()
+        .replace("[queue]\n", "[queue]\nmax_size = 1200\n");
+    apply(&gateway, &text, Edit::InPlace).await;
+    let status = gateway
+        .wait_live(Duration::from_secs(5), "holding the newest 40", |s| {
+            s["queue"]["rows"] == 40
+        })
+        .await;
+    assert_eq!(counter(&status, "dropped_full"), 60, "{status}");
+
+    link.restore();
+    assert!(collector.wait_for_count(40, Duration::from_secs(20)).await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    collector.deliveries().assert_exactly(&Expected::from([(
+        format!("{CLOUD_PREFIX}{topic}"),
+        sent[60..].to_vec(),
+    )]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -391,6 +450,70 @@ async fn a_rotated_cloud_ca_file_is_picked_up_without_a_restart() {
         "{}",
         gateway.log()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_changed_modbus_device_restarts_and_the_other_keeps_polling() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let registers = serde_json::json!({"1": {"hr": {"0": 215}}});
+    let (boiler_plc, chiller_plc) = (ModbusServer::tcp(&registers), ModbusServer::tcp(&registers));
+    let port = |server: &ModbusServer| match server.endpoint {
+        support::Endpoint::Tcp(port) => port,
+        _ => unreachable!(),
+    };
+    let (boiler_port, chiller_port) = (port(&boiler_plc), port(&chiller_plc));
+    let chiller = boiler(chiller_port, "100ms")
+        .replace("\"boiler\"", "\"chiller\"")
+        .replace("plant/boiler", "plant/chiller");
+    let gateway = Gateway::start(
+        GatewayConfig::new(cloud.port)
+            .append(&boiler(boiler_port, "100ms"))
+            .append(&chiller),
+    );
+    let mut dashboard = LocalSubscriber::connect(
+        gateway.local_port,
+        "dashboard",
+        true,
+        Some(("plant/chiller/temp", QoS::AtMostOnce)),
+    )
+    .await;
+    gateway
+        .wait_live(Duration::from_secs(20), "both devices online", |s| {
+            s["devices"]["modbus/boiler"]["state"] == "online"
+                && s["devices"]["modbus/chiller"]["state"] == "online"
+        })
+        .await;
+
+    let text = gateway
+        .config_text()
+        .replacen("poll = \"100ms\"", "poll = \"150ms\"", 1);
+    apply(&gateway, &text, Edit::Rename).await;
+    // The chiller's readings keep coming every 100 ms through the reload.
+    let readings = dashboard.recv_n(20, Duration::from_secs(5)).await;
+    assert_eq!(readings.len(), 20, "the chiller stopped publishing");
+    let gaps = readings.windows(2).map(|w| w[1].at - w[0].at);
+    let longest = gaps.max().unwrap_or_default();
+    assert!(
+        longest < Duration::from_millis(600),
+        "the chiller paused {longest:?}"
+    );
+
+    let log = gateway.log();
+    assert!(log.contains(r#"modbus "boiler" restarted"#), "{log}");
+    let starts = |port: u16| {
+        log.lines()
+            .filter(|l| {
+                l.contains("modbus bus starting") && l.contains(&format!("127.0.0.1:{port}"))
+            })
+            .count()
+    };
+    assert_eq!((starts(boiler_port), starts(chiller_port)), (2, 1), "{log}");
+    gateway
+        .wait_live(Duration::from_secs(10), "the boiler online again", |s| {
+            s["devices"]["modbus/boiler"]["state"] == "online"
+        })
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
