@@ -748,30 +748,26 @@ impl Owner {
         out
     }
 
-    /// Writes what is due: messages held longer than `commit_interval` (or, over the memory
-    /// bound, the oldest until it is met; or everything, at shutdown), deletions, dead
+    /// Writes what is due: the messages in memory once one of them was held longer than
+    /// `commit_interval` (or memory is over its bound, or at shutdown), deletions, dead
     /// letters and the clock.
     fn flush(&mut self, spill: Spill) {
         let now = Instant::now();
-        let cutoff = now.checked_sub(self.config.commit_interval);
-        let keep = match spill {
-            Spill::Due => u64::MAX,
-            Spill::OverBound => self.config.commit_batch as u64 / 2,
-            Spill::All => 0,
+        // Group commit: once the oldest message in memory is due (or memory is over its
+        // bound, or at shutdown), everything held goes, so an outage writes one batch per
+        // commit_interval rather than one commit per message.
+        let due = self
+            .held
+            .iter()
+            .find(|h| h.state != HeldState::Gone)
+            .is_some_and(|h| {
+                now.checked_sub(self.config.commit_interval)
+                    .is_some_and(|cutoff| h.arrived <= cutoff)
+            });
+        let count = match spill {
+            Spill::Due if !due => 0,
+            _ => self.held.len(),
         };
-        let (mut count, mut rows, mut bytes) = (0usize, self.held_rows, self.held_bytes);
-        for held in &self.held {
-            let due = cutoff.is_some_and(|c| held.arrived <= c);
-            let over = rows > keep || bytes > HELD_MAX_BYTES / 2;
-            if !(due || over) {
-                break;
-            }
-            if held.state != HeldState::Gone {
-                rows -= 1;
-                bytes -= held.message.size;
-            }
-            count += 1;
-        }
         let gone_due = self.gone_since.is_some_and(|since| {
             matches!(spill, Spill::All) || now >= since + self.config.commit_interval
         });
@@ -798,7 +794,9 @@ impl Owner {
                 .iter()
                 .map(|(row, reason)| (row, clock_ms, reason.as_str()))
                 .collect(),
-            clock_ms: (clock_due || count > 0).then_some(clock_ms),
+            // A spill saves the clock anyway: its rows carry it, and opening takes the
+            // newest row's time.
+            clock_ms: clock_due.then_some(clock_ms),
         };
         let (spilled, deleted) = (flush.spill.len() as u64, !flush.delete.is_empty());
         let result = self.store.write(&flush);
@@ -816,7 +814,7 @@ impl Owner {
                 }
                 add(&self.health.counters.dead_lettered, self.dead.len() as u64);
                 self.dead.clear();
-                if clock_due || count > 0 {
+                if clock_due || spilled > 0 {
                     self.clock_saved = now;
                 }
                 debug!(spilled, deleted, "outbox flush");
@@ -930,11 +928,11 @@ impl Owner {
 
 #[derive(Debug, Clone, Copy)]
 enum Spill {
-    /// Messages held longer than `commit_interval`.
+    /// Whatever is due.
     Due,
-    /// Memory is over its bound: also the oldest until half of it is left.
+    /// Memory is over its bound: every message in memory.
     OverBound,
-    /// Shutdown: everything.
+    /// Shutdown: everything, deletions and the clock included.
     All,
 }
 
