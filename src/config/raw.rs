@@ -272,7 +272,7 @@ mod tests {
         );
         assert_eq!(
             field_names::<RawUplink>(),
-            ["topic", "remote_prefix", "qos"]
+            ["topic", "remote_prefix", "qos", "drain"]
         );
         let unknown = KeyPath::default().key("downlink").index(2).key("prefix");
         assert_eq!(

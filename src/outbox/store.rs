@@ -37,15 +37,17 @@ CREATE TABLE IF NOT EXISTS meta (
 );
 ";
 
-/// Page size of a new database file: the page size of the filesystems it lives on (ext4 on
-/// an SD card), so a page write is one block write.
-const PAGE_SIZE: u32 = 4096;
-/// WAL pages between checkpoints. A row deleted soon after it was written is often
-/// checkpointed never at all (its page is rewritten in the WAL first); larger steps save
-/// flash writes at the cost of a larger WAL file between checkpoints (4 MiB).
+/// Page size of a new database file. Small pages for small rows: an outage at 100 msg/s
+/// of 64-byte messages (WAL appends plus checkpoints, `/proc/PID/io` write_bytes) costs
+/// 352 bytes per message with 1 KiB pages, 363 with 2 KiB and 488 with 4 KiB, because each
+/// commit rewrites the partly filled last page of the table.
+const PAGE_SIZE: u32 = 1024;
+/// WAL pages between checkpoints (1 MiB at 1 KiB pages). A checkpoint copies each changed
+/// page to the database file once, however often the WAL rewrote it; 256 pages measured 393
+/// bytes per message in the same outage.
 const WAL_AUTOCHECKPOINT: u32 = 1024;
-/// After a checkpoint the WAL file is truncated to this, so a burst does not leave a large
-/// file behind.
+/// After a checkpoint the WAL file is truncated to this, so that a burst written in large
+/// transactions does not leave a large file behind; below it the WAL is reused in place.
 const JOURNAL_SIZE_LIMIT: u64 = 4 << 20;
 
 /// The gateway clock: milliseconds of gateway running time, persisted across restarts.
