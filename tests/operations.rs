@@ -204,11 +204,7 @@ async fn status_json_gives_exact_values_under_a_known_backlog() {
     assert_eq!(code, 0, "running and linked");
 
     link.cut();
-    gateway
-        .wait_live(Duration::from_secs(10), "telemetry link down", |s| {
-            s["cloud"]["telemetry"] != "up"
-        })
-        .await;
+    gateway.wait_telemetry_down().await;
     let topic = "warehouse/backlog";
     publish_many(gateway.local_port, "sensor", topic, 100, QoS::AtLeastOnce).await;
     // Each message counts local topic plus payload ("sensor:000042").

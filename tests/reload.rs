@@ -254,11 +254,7 @@ async fn switching_cloud_url_sends_the_backlog_to_the_new_cloud_in_order() {
     let gateway = Gateway::start(GatewayConfig::new(link.port));
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
     link.cut();
-    gateway
-        .wait_live(Duration::from_secs(10), "telemetry link down", |s| {
-            s["cloud"]["telemetry"] != "up"
-        })
-        .await;
+    gateway.wait_telemetry_down().await;
     let topic = "warehouse/backlog";
     let sent = publish_many(gateway.local_port, "sensor", topic, 1_000, QoS::AtLeastOnce).await;
     gateway
@@ -375,11 +371,7 @@ async fn a_smaller_queue_max_size_drops_the_oldest_backlog_once_counted() {
     let gateway = Gateway::start(GatewayConfig::new(link.port));
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
     link.cut();
-    gateway
-        .wait_live(Duration::from_secs(10), "telemetry link down", |s| {
-            s["cloud"]["telemetry"] != "up"
-        })
-        .await;
+    gateway.wait_telemetry_down().await;
     let topic = "warehouse/backlog";
     let sent = publish_many(gateway.local_port, "sensor", topic, 100, QoS::AtLeastOnce).await;
     // 30 bytes each (local topic plus payload): room for the newest 40.

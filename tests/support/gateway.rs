@@ -346,6 +346,14 @@ impl Gateway {
         }
     }
 
+    /// Waits until the live status says the telemetry link is not up (after a cut).
+    pub async fn wait_telemetry_down(&self) -> Value {
+        self.wait_live(Duration::from_secs(10), "telemetry link down", |s| {
+            s["cloud"]["telemetry"] != "up"
+        })
+        .await
+    }
+
     /// `bridgehead status --config FILE [--json]`: exit code and standard output.
     pub fn status_command(&self, json: bool) -> (i32, String) {
         let mut command = Command::new(env!("CARGO_BIN_EXE_bridgehead"));
