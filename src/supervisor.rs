@@ -264,7 +264,7 @@ enum Fault {
     Hang,
 }
 
-const FAULT_AFTER: Duration = Duration::from_millis(1500);
+const FAULT_AFTER: Duration = Duration::from_secs(3);
 
 fn fault_for(task: &str) -> Option<Fault> {
     let spec = std::env::var("BRIDGEHEAD_TEST_FAULT").ok()?;

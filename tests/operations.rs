@@ -152,8 +152,8 @@ async fn the_watchdog_is_not_pinged_once_a_task_hangs() {
         .await
         .expect("no watchdog ping before the hang");
 
-    // The intake stops being polled 1.5 s after it started; give the probes time to notice.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The intake stops being polled 3 s after it started; give the probes time to notice.
+    tokio::time::sleep_until((started + Duration::from_secs(5)).into()).await;
     let quiet_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
