@@ -97,7 +97,7 @@ async fn systemd_hears_ready_watchdog_and_reloads() {
     tokio::time::sleep(Duration::from_secs(4)).await;
     let pings = notify.count("WATCHDOG=1", ready);
     assert!(
-        pings >= 3,
+        pings >= 2,
         "{pings} watchdog pings in 4 s at WatchdogSec=2s"
     );
     assert!(
