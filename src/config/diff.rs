@@ -5,12 +5,14 @@
 //! Extending: a section that names files (certificates, password and ACL files) lists them
 //! in [`watched_files`], so that a change of the file's content counts as a change of the
 //! section; a new section gets a field here, a line in [`ConfigDiff::summary`], and its
-//! apply step in `reload.rs`.
+//! apply step in `reload.rs`. A new key in `[local]` or `[gateway]` counts as "restart
+//! needed" until it is added to the keys applied live here ([`applicable`]); `[cloud]` and
+//! `[queue]` are handed over whole, so new keys there apply with their section.
 
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use super::{Config, ModbusDevice, SerialSensor};
+use super::{Config, GatewayConfig, LocalConfig, ModbusDevice, SerialSensor};
 
 /// The files a config names whose content is part of the config: a rotated certificate is
 /// applied like an edit of the file. `(key, path)`.
@@ -129,19 +131,29 @@ impl ConfigDiff {
         let restart_needed = restart_needed(started, new);
         let (old, new) = (running, &applicable(started, new));
         let (oc, nc) = (&old.cloud, &new.cloud);
+        // Keys added to [cloud] and [queue] after this was written are never ignored: those
+        // sections are handed over whole.
+        let mut cloud = changed_keys!(oc, nc, "cloud": url, client_id, command_client_id,
+            keep_alive, max_packet_size, ca_file, cert_file, key_file, username,
+            password_file, status_topic, max_inflight, reconnect_min, reconnect_max);
+        if cloud.is_empty() && oc != nc {
+            cloud.push("cloud (other keys)");
+        }
+        let mut queue = changed_keys!(old.queue, new.queue, "queue": max_size, when_full,
+            max_age, commit_interval, commit_batch, dead_letter_max_size);
+        if queue.is_empty() && old.queue != new.queue {
+            queue.push("queue (other keys)");
+        }
         ConfigDiff {
             uplink: RuleChange::between(&old.uplink, &new.uplink),
             downlink: RuleChange::between(&old.downlink, &new.downlink),
-            cloud: changed_keys!(oc, nc, "cloud": url, client_id, command_client_id,
-                keep_alive, max_packet_size, ca_file, cert_file, key_file, username,
-                password_file, status_topic, max_inflight, reconnect_min, reconnect_max),
+            cloud,
             cloud_files: changed_files
                 .iter()
                 .filter(|key| key.starts_with("cloud."))
                 .cloned()
                 .collect(),
-            queue: changed_keys!(old.queue, new.queue, "queue": max_size, when_full,
-                max_age, commit_interval, commit_batch),
+            queue,
             modbus: DeviceChanges::between(&old.modbus, &new.modbus, |d: &ModbusDevice| &d.name),
             serial: DeviceChanges::between(&old.serial, &new.serial, |s: &SerialSensor| &s.name),
             local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
@@ -233,23 +245,38 @@ fn devices(parts: &mut Vec<String>, kind: &str, changes: &DeviceChanges) {
     }
 }
 
-/// `new` as the running gateway can apply it: the keys fixed at start keep the values the
-/// gateway started with.
+/// `new` as the running gateway can apply it: in `[gateway]` and `[local]` only the keys
+/// applied live come from `new` (any other key, also one added later, keeps the value the
+/// gateway started with until a restart), and `queue.synchronous` stays.
 pub fn applicable(started: &Config, new: &Config) -> Config {
     let mut config = new.clone();
-    config.gateway.data_dir = started.gateway.data_dir.clone();
-    config.local.max_payload = started.local.max_payload;
+    config.gateway = GatewayConfig {
+        id: new.gateway.id.clone(),
+        metrics_topic: new.gateway.metrics_topic.clone(),
+        metrics_interval: new.gateway.metrics_interval,
+        ..started.gateway.clone()
+    };
+    // rumqttd's MQTT 5 server exists only if it was configured at start, and its
+    // connection table is sized at start: a lower max_connections applies, a higher not.
+    let same_v5 = started.local.listen_v5.is_none() == new.local.listen_v5.is_none();
+    config.local = LocalConfig {
+        listen: new.local.listen,
+        listen_v5: if same_v5 {
+            new.local.listen_v5
+        } else {
+            started.local.listen_v5
+        },
+        max_connections: new.local.max_connections.min(started.local.max_connections),
+        connect_timeout: new.local.connect_timeout,
+        ..started.local.clone()
+    };
     config.queue.fsync = started.queue.fsync;
-    // rumqttd's MQTT 5 server exists only if it was configured at start.
-    if started.local.listen_v5.is_none() != new.local.listen_v5.is_none() {
-        config.local.listen_v5 = started.local.listen_v5;
-    }
-    // rumqttd's connection table is sized at start: lower is applied, higher is not.
-    config.local.max_connections = new.local.max_connections.min(started.local.max_connections);
     config
 }
 
 /// The keys [`applicable`] pins whose value in `new` differs from the one at start.
+// The struct updates name every field today; they are there for the keys added later.
+#[allow(clippy::needless_update)]
 fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
     let mut keys = Vec::new();
     if new.gateway.data_dir != started.gateway.data_dir {
@@ -266,6 +293,27 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
     }
     if new.local.max_connections > started.local.max_connections {
         keys.push("local.max_connections");
+    }
+    let local_rest = LocalConfig {
+        listen: started.local.listen,
+        listen_v5: started.local.listen_v5,
+        max_payload: started.local.max_payload,
+        max_connections: started.local.max_connections,
+        connect_timeout: started.local.connect_timeout,
+        ..new.local.clone()
+    };
+    if local_rest != started.local {
+        keys.push("local (other keys)");
+    }
+    let gateway_rest = GatewayConfig {
+        id: started.gateway.id.clone(),
+        data_dir: started.gateway.data_dir.clone(),
+        metrics_topic: started.gateway.metrics_topic.clone(),
+        metrics_interval: started.gateway.metrics_interval,
+        ..new.gateway.clone()
+    };
+    if gateway_rest != started.gateway {
+        keys.push("gateway (other keys)");
     }
     keys
 }
@@ -333,6 +381,15 @@ address = "127.0.0.1:502"
         let applied = applicable(&started, &new);
         assert_eq!(applied.gateway.data_dir, started.gateway.data_dir);
         assert_eq!(applied.local.max_connections, 1000);
+    }
+
+    #[test]
+    fn every_queue_key_is_applied() {
+        let old = parse(BASE);
+        let new = parse(&(BASE.to_owned() + "[queue]\ndead_letter_max_size = \"1MiB\"\n"));
+        let diff = ConfigDiff::between(&old, &old, &new, &[]);
+        assert_eq!(diff.queue, ["queue.dead_letter_max_size"]);
+        assert!(diff.restart_needed.is_empty());
     }
 
     #[test]

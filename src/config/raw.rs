@@ -67,6 +67,7 @@ pub struct RawQueue {
     pub commit_interval: Option<Value>,
     pub commit_batch: Option<i64>,
     pub synchronous: Option<String>,
+    pub dead_letter_max_size: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

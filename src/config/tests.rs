@@ -76,6 +76,7 @@ fn a_minimal_file_gets_every_default() {
             commit_interval: Duration::from_secs(1),
             commit_batch: 1000,
             fsync: true,
+            dead_letter_max_size: 16 << 20,
         },
         uplink: vec![],
         downlink: vec![],
@@ -382,7 +383,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 21);
+    assert_eq!(uncommented_keys, 22);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }

@@ -14,6 +14,7 @@
 //! running, carried over restarts in the database, so a wall-clock jump (a Pi booting in
 //! 1970, NTP stepping) never expires a backlog.
 
+pub mod dead_letters;
 mod store;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -110,6 +111,10 @@ enum Command {
         id: i64,
         reason: String,
     },
+    Replay {
+        which: dead_letters::Selection,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
     Shutdown(oneshot::Sender<()>),
     /// New `[queue]` settings from a reload.
     Reconfigure(QueueConfig),
@@ -182,6 +187,15 @@ impl OutboxHandle {
         rx.await.map_err(|_| OutboxError::Closed)
     }
 
+    /// Puts dead letters back in the queue, after everything in it; returns how many.
+    pub async fn replay(&self, which: dead_letters::Selection) -> Result<usize, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Replay { which, reply })
+            .await
+            .map_err(|e| e.to_string())?;
+        rx.await.map_err(|_| OutboxError::Closed.to_string())?
+    }
+
     /// Writes what is held in memory and stops the owner.
     pub async fn shutdown(&self) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
@@ -208,10 +222,30 @@ pub fn open(
         source,
     })?;
     let path = data_dir.join("outbox.db");
-    let store = Store::open(&path, config.fsync).map_err(|source| OutboxError::Open {
-        path: path.clone(),
-        source,
-    })?;
+    let store = match Store::open(&path, config.fsync) {
+        Ok(store) => store,
+        Err(e) if store::is_damage(&e) => {
+            // A damaged file must not become a crash loop: keep it for inspection, start
+            // afresh. What it held is lost; that is said loudly, once.
+            let aside = store::move_aside(&path).map_err(|source| OutboxError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+            inc(&health.counters.outbox_damaged);
+            error!(path = %path.display(), moved_to = %aside.display(), error = %e,
+                "the outbox database is damaged; it was moved aside and a new one started (its messages are not forwarded)");
+            Store::open(&path, config.fsync).map_err(|source| OutboxError::Open {
+                path: path.clone(),
+                source,
+            })?
+        }
+        Err(source) => {
+            return Err(OutboxError::Open {
+                path: path.clone(),
+                source,
+            })
+        }
+    };
     // Small: a push holds up to a whole intake batch.
     let (tx, rx) = flume::bounded(16);
     info!(
@@ -272,7 +306,7 @@ const LIVE_TRACKED: usize = 100_000;
 const HELD_MAX_BYTES: u64 = 16 << 20;
 /// While the database refuses writes, memory holds at most this much; new messages are
 /// refused beyond it (counted in `rejected_storage`).
-const HELD_HARD_BYTES: u64 = 64 << 20;
+const HELD_HARD_BYTES: u64 = 32 << 20;
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
 /// A failed write is tried again after this.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -403,6 +437,11 @@ impl Owner {
                         self.flush(Spill::Due);
                         self.update_gauges(true);
                     }
+                }
+                Ok(Command::Replay { which, reply }) => {
+                    let _ = reply.send(self.replay(&which));
+                    self.feed();
+                    self.update_gauges(true);
                 }
                 Ok(Command::Shutdown(reply)) => {
                     self.close();
@@ -665,6 +704,30 @@ impl Owner {
         self.gone_since.get_or_insert_with(Instant::now);
     }
 
+    /// Dead letters back into the queue. Memory is written first, so that the replayed
+    /// messages, newest of all, keep every id on disk below every id in memory.
+    fn replay(&mut self, which: &dead_letters::Selection) -> Result<usize, String> {
+        self.flush(Spill::All);
+        if !self.held.is_empty() {
+            return Err("the outbox cannot write to disk right now".into());
+        }
+        match self.store.replay(which, self.next_id) {
+            Ok(replayed) => {
+                self.next_id += replayed.len() as i64;
+                add(&self.health.counters.enqueued, replayed.len() as u64);
+                info!(
+                    messages = replayed.len(),
+                    "dead letters put back in the queue"
+                );
+                Ok(replayed.len())
+            }
+            Err(e) => {
+                self.db_error("replaying dead letters", &e);
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// A message still in the outbox, by id.
     fn lookup(&mut self, id: i64) -> Option<Row> {
         match self.held.front().map(|h| h.id) {
@@ -851,10 +914,18 @@ impl Owner {
             clock_ms: clock_due.then_some(clock_ms),
         };
         let (spilled, deleted) = (flush.spill.len() as u64, !flush.delete.is_empty());
-        let result = self.store.write(&flush);
+        let result = self.store.write(&flush, self.config.dead_letter_max_size);
         drop(flush);
         match result {
-            Ok(()) => {
+            Ok(dead_dropped) => {
+                if dead_dropped > 0 {
+                    add(&self.health.counters.dead_letters_dropped, dead_dropped);
+                    warn!(
+                        dropped = dead_dropped,
+                        max = self.config.dead_letter_max_size,
+                        "oldest dead letters deleted (queue.dead_letter_max_size)"
+                    );
+                }
                 if self.storage_failing {
                     info!("the outbox writes to disk again");
                     self.storage_failing = false;
@@ -1023,6 +1094,7 @@ mod tests {
             commit_interval: Duration::from_millis(commit_interval_ms),
             commit_batch: 1000,
             fsync: false,
+            dead_letter_max_size: 1 << 20,
         }
     }
 
@@ -1207,6 +1279,65 @@ mod tests {
             payloads(&rest),
             [numbered(17..55), numbered(200..202)].concat()
         );
+        o.close().await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_bounded_replayed_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(1000);
+        config.dead_letter_max_size = 30;
+        let o = open_in(dir.path(), &config);
+        o.outbox.push(messages(0, 5, Lane::Strict)).await.unwrap();
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 5).await;
+        for row in &rows[..4] {
+            o.outbox
+                .dead_letter(row.id, "refused".into())
+                .await
+                .unwrap();
+        }
+        o.outbox.delivered(delivered(&rows[4..])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let db = dir.path().join("outbox.db");
+        // 4 letters of 10 bytes, 30 kept: the oldest went.
+        let listed = dead_letters::list(&db).unwrap();
+        assert_eq!(listed.len(), 3);
+        assert!(listed.iter().all(|d| d.reason == "refused" && d.bytes == 4));
+        assert_eq!(o.health.counters.snapshot().dead_letters_dropped, 1);
+
+        let first = dead_letters::Selection::Ids(vec![listed[0].id]);
+        assert_eq!(o.outbox.replay(first).await, Ok(1));
+        assert_eq!(payloads(&take(&mut feed, 1).await), numbered(1..2));
+        assert_eq!(
+            dead_letters::purge(&db, &dead_letters::Selection::All).unwrap(),
+            2
+        );
+        assert!(dead_letters::list(&db).unwrap().is_empty());
+        o.close().await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_replayed_while_stopped_are_sent_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open_in(dir.path(), &config(1000));
+        o.outbox.push(messages(0, 3, Lane::Strict)).await.unwrap();
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 3).await;
+        o.outbox
+            .dead_letter(rows[1].id, "refused".into())
+            .await
+            .unwrap();
+        o.close().await;
+        let db = dir.path().join("outbox.db");
+        assert_eq!(
+            dead_letters::replay_offline(&db, &dead_letters::Selection::All).unwrap(),
+            1
+        );
+        let o = open_in(dir.path(), &config(1000));
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 3).await;
+        assert_eq!(payloads(&rows), ["0000", "0002", "0001"]);
         o.close().await;
     }
 }

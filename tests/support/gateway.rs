@@ -14,6 +14,8 @@ use super::{accepts, free_port, signal, tail, wait_child};
 pub struct GatewayConfig {
     dir: TempDir,
     pub local_port: u16,
+    /// The largest file the gateway may write (RLIMIT_FSIZE, as `prlimit --fsize`).
+    file_size_limit: Option<u64>,
     sections: Vec<(String, Vec<(String, String)>)>,
     tail: Vec<String>,
     env: Vec<(String, String)>,
@@ -68,6 +70,7 @@ impl GatewayConfig {
         GatewayConfig {
             dir,
             local_port,
+            file_size_limit: None,
             sections,
             tail,
             env: Vec::new(),
@@ -101,6 +104,13 @@ impl GatewayConfig {
     pub fn set_str(self, section: &str, key: &str, value: &str) -> Self {
         let quoted = format!("\"{}\"", value.replace('\\', "\\\\").replace('"', "\\\""));
         self.set(section, key, &quoted)
+    }
+
+    /// Runs the gateway with a file size limit: its writes beyond `bytes` fail, as on a
+    /// full disk (see [`Gateway::lift_file_size_limit`]).
+    pub fn file_size_limit(mut self, bytes: u64) -> Self {
+        self.file_size_limit = Some(bytes);
+        self
     }
 
     /// Drops the default `[[downlink]]` rule: no command connection.
@@ -144,6 +154,7 @@ impl GatewayConfig {
         let config_path = self.dir.path().join("bridgehead.toml");
         fs::write(&config_path, self.toml()).expect("writing the gateway config");
         let mut gateway = Gateway {
+            file_size_limit: self.file_size_limit,
             local_port: self.local_port,
             data_dir: self.data_dir(),
             log_path: self.dir.path().join("gateway.log"),
@@ -159,6 +170,7 @@ impl GatewayConfig {
 
 /// A running (or stopped) `bridgehead run --config FILE`.
 pub struct Gateway {
+    file_size_limit: Option<u64>,
     pub local_port: u16,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
@@ -191,7 +203,18 @@ impl Gateway {
             .append(true)
             .open(&self.log_path)
             .expect("gateway log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_bridgehead"))
+        let mut command = match self.file_size_limit {
+            Some(bytes) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--fsize={bytes}:unlimited"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_bridgehead"));
+                prlimit
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_bridgehead")),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -381,6 +404,17 @@ impl Gateway {
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Space comes back: the running gateway may write files of any size again.
+    pub fn lift_file_size_limit(&self) {
+        let pid = self.pid().expect("the gateway is not running");
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg("--fsize=unlimited:unlimited")
+            .status()
+            .expect("running prlimit");
+        assert!(status.success(), "prlimit --pid {pid}: {status}");
     }
 
     /// Bytes the gateway process has caused to be written to storage so far
