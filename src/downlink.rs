@@ -25,6 +25,7 @@ use crate::broker::Link;
 use crate::cloud::{error_chain, CloudLink};
 use crate::config::DownlinkRule;
 use crate::health::{inc, LinkState, RateLimit, SharedHealth};
+use crate::reload::{Change, CloudControl};
 use crate::topics;
 
 /// The largest packet MQTT can frame (remaining length 268,435,455 plus the fixed header).
@@ -53,11 +54,19 @@ pub struct Downlink {
     pub link: Link,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
+    /// New `[cloud]` settings (reconnect) and `[[downlink]]` rules (subscribe and
+    /// unsubscribe on the live connection) from a reload.
+    pub control: CloudControl,
 }
 
 enum End {
     Shutdown,
-    Lost { error: String, was_up: bool },
+    /// New cloud settings, or no rules left: start over with the new config.
+    Reconfigured,
+    Lost {
+        error: String,
+        was_up: bool,
+    },
     Fatal(DownlinkError),
 }
 
@@ -166,9 +175,26 @@ impl Downlink {
     /// the gateway must restart.
     pub async fn run(mut self) -> Result<(), DownlinkError> {
         let mut reconnect = self.cloud.reconnect();
-        let mut handed = Handed::open(&self.data_dir, REMEMBERED);
+        // Opening a database is blocking work: off the async workers.
+        let mut handed = tokio::task::block_in_place(|| Handed::open(&self.data_dir, REMEMBERED));
         let mut pipeline = Pipeline::default();
+        // Rules the cloud session may still hold subscriptions for, when they changed while
+        // the link was down: the subscriptions are changed once it is up.
+        let mut rules_before: Option<Vec<DownlinkRule>> = None;
         loop {
+            self.cloud = self.control.cloud();
+            let latest = self.control.downlink_rules();
+            if latest != self.rules {
+                rules_before.get_or_insert(std::mem::replace(&mut self.rules, latest));
+            }
+            // Without [[downlink]] rules there is no command connection at all.
+            if self.rules.is_empty() {
+                self.health.commands.set(LinkState::Off);
+                tokio::select! {
+                    _ = self.control.changed() => continue,
+                    _ = self.shutdown.changed() => return Ok(()),
+                }
+            }
             self.health.commands.set(LinkState::Connecting);
             let mut options = self.cloud.options(&self.cloud.config.command_client_id);
             // Take any command in, however large, and refuse the oversized ones in command():
@@ -178,7 +204,13 @@ impl Downlink {
                 .set_max_packet_size(MQTT_MAX_PACKET, self.cloud.config.max_packet_size);
             let (client, eventloop) = AsyncClient::new(options, 256);
             let end = self
-                .session(&client, eventloop, &mut handed, &mut pipeline)
+                .session(
+                    &client,
+                    eventloop,
+                    &mut handed,
+                    &mut pipeline,
+                    &mut rules_before,
+                )
                 .await;
             pipeline.connection_lost();
             match end {
@@ -187,9 +219,10 @@ impl Downlink {
                     return Ok(());
                 }
                 End::Fatal(e) => return Err(e),
+                End::Reconfigured => {}
                 End::Lost { error, was_up } => {
-                    let go_on = reconnect
-                        .after_failure(
+                    let go_on = tokio::select! {
+                        go_on = reconnect.after_failure(
                             &self.health,
                             &self.health.commands,
                             &self.cloud.config.command_client_id,
@@ -197,8 +230,9 @@ impl Downlink {
                             &error,
                             was_up,
                             &mut self.shutdown,
-                        )
-                        .await;
+                        ) => go_on,
+                        _ = self.control.changed() => true,
+                    };
                     if !go_on {
                         return Ok(());
                     }
@@ -213,6 +247,7 @@ impl Downlink {
         mut eventloop: EventLoop,
         handed: &mut Handed,
         pipeline: &mut Pipeline,
+        rules_before: &mut Option<Vec<DownlinkRule>>,
     ) -> End {
         let mut up_at: Option<Instant> = None;
         let mut bad_log = RateLimit::new(Duration::from_secs(10));
@@ -232,6 +267,12 @@ impl Downlink {
                         self.health.commands.set(LinkState::Up);
                         info!(client_id = %self.cloud.config.command_client_id,
                             session_present = ack.session_present, "cloud command link up");
+                        match (ack.session_present, rules_before.take()) {
+                            (true, Some(old)) if old != self.rules => {
+                                change_subscriptions(client, &old, &self.rules)
+                            }
+                            _ => {}
+                        }
                         if !ack.session_present {
                             if let Err(e) = self.subscribe(client) {
                                 return End::Lost { error: format!("subscribing to commands: {e}"), was_up: was_up(up_at) };
@@ -272,6 +313,20 @@ impl Downlink {
                     return End::Fatal(DownlinkError::HandoffTimeout(HANDOFF_TIMEOUT));
                 }
                 _ = self.shutdown.changed() => return End::Shutdown,
+                change = self.control.changed() => {
+                    let old = std::mem::replace(&mut self.rules, self.control.downlink_rules());
+                    let up = up_at.is_some();
+                    if up && old != self.rules {
+                        change_subscriptions(client, &old, &self.rules);
+                    } else if !up {
+                        rules_before.get_or_insert(old);
+                    }
+                    if change == Change::Cloud || self.rules.is_empty() {
+                        info!("command link settings changed: reconnecting with them");
+                        close(client, &mut eventloop).await;
+                        return End::Reconfigured;
+                    }
+                }
             }
         }
     }
@@ -572,6 +627,65 @@ fn record(
             }
         }
     }
+}
+
+/// A rule's cloud subscription: filter and QoS (0 or 1).
+fn subscription(rule: &DownlinkRule) -> (String, u8) {
+    (
+        format!("{}{}", rule.remote_prefix, rule.topic),
+        rule.qos as u8,
+    )
+}
+
+/// Subscribes to what `new` adds (or changes the QoS of) and unsubscribes what it drops,
+/// on the live connection.
+fn change_subscriptions(client: &AsyncClient, old: &[DownlinkRule], new: &[DownlinkRule]) {
+    let before: HashSet<(String, u8)> = old.iter().map(subscription).collect();
+    let after: HashSet<(String, u8)> = new.iter().map(subscription).collect();
+    let kept: HashSet<&String> = after.iter().map(|(filter, _)| filter).collect();
+    let added: Vec<SubscribeFilter> = after
+        .difference(&before)
+        .map(|(filter, qos)| {
+            let qos = match qos {
+                0 => QoS::AtMostOnce,
+                _ => QoS::AtLeastOnce,
+            };
+            SubscribeFilter::new(filter.clone(), qos)
+        })
+        .collect();
+    let dropped: Vec<&String> = before
+        .iter()
+        .map(|(filter, _)| filter)
+        .filter(|filter| !kept.contains(filter))
+        .collect();
+    info!(
+        subscribed = added.len(),
+        unsubscribed = dropped.len(),
+        "command subscriptions changed"
+    );
+    if !added.is_empty() {
+        if let Err(e) = client.try_subscribe_many(added) {
+            warn!(error = %e, "subscribing to new command topics failed");
+        }
+    }
+    for filter in dropped {
+        if let Err(e) = client.try_unsubscribe(filter.clone()) {
+            warn!(%filter, error = %e, "unsubscribing from a removed command topic failed");
+        }
+    }
+}
+
+/// Sends what is queued (unsubscriptions) and a DISCONNECT, waiting a bounded time.
+async fn close(client: &AsyncClient, eventloop: &mut EventLoop) {
+    let _ = client.try_disconnect();
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(event) = eventloop.poll().await {
+            if matches!(event, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -2,8 +2,8 @@
 //! written to `status.json` and published on the local metrics topic.
 
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -37,18 +37,38 @@ impl LinkState {
     }
 }
 
-/// A link state shared between its owner (who sets it) and the status reporter.
+/// A link state shared between its owner (who sets it) and the status reporter, with the
+/// moment it last changed.
 #[derive(Debug, Default)]
-pub struct SharedLinkState(AtomicU8);
+pub struct SharedLinkState {
+    state: AtomicU8,
+    /// Milliseconds after [`process_start`] of the last change.
+    since_ms: AtomicU64,
+}
 
 impl SharedLinkState {
     pub fn set(&self, state: LinkState) {
-        self.0.store(state as u8, Ordering::Relaxed);
+        if self.state.swap(state as u8, Ordering::Relaxed) != state as u8 {
+            let ms = process_start().elapsed().as_millis() as u64;
+            self.since_ms.store(ms, Ordering::Relaxed);
+        }
     }
 
     pub fn get(&self) -> LinkState {
-        LinkState::from_u8(self.0.load(Ordering::Relaxed))
+        LinkState::from_u8(self.state.load(Ordering::Relaxed))
     }
+
+    /// How long the link has been in its current state.
+    pub fn for_s(&self) -> u64 {
+        let since = Duration::from_millis(self.since_ms.load(Ordering::Relaxed));
+        process_start().elapsed().saturating_sub(since).as_secs()
+    }
+}
+
+/// The instant ages in the status document are measured from (monotonic).
+pub fn process_start() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
 }
 
 macro_rules! counters {
@@ -137,6 +157,12 @@ counters! {
     field_write_errors,
     /// Serial lines dropped: too long, not UTF-8, or not in the sensor's format.
     serial_lines_dropped,
+    /// Config reloads applied (changes or not).
+    reloads,
+    /// Config reloads refused: the new file had problems and the running config stayed.
+    reloads_failed,
+    /// Wall-clock steps seen (NTP sync, a manual `date`): readings' `ts` jumped with them.
+    clock_steps,
 }
 
 /// Current fill of the outbox, kept up to date by its owner.
@@ -162,8 +188,40 @@ pub struct Health {
     pub telemetry: SharedLinkState,
     pub commands: SharedLinkState,
     /// One entry per Modbus device and serial sensor, in config order.
-    pub devices: std::sync::Mutex<Vec<Arc<DeviceHealth>>>,
-    device_names: std::sync::Mutex<Vec<String>>,
+    pub devices: Mutex<Vec<Arc<DeviceHealth>>>,
+    device_names: Mutex<Vec<String>>,
+    /// The running config's generation, the last reload and the keys waiting for a restart.
+    pub config: Mutex<ConfigStatus>,
+    /// Messages per second in (received) and out (forwarded) over the last metrics interval.
+    pub rates: Mutex<Rates>,
+}
+
+/// What the status tells about the running configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigStatus {
+    /// 1 for the config the gateway started with, +1 for each reload that changed something.
+    pub generation: u64,
+    pub last_reload: Option<ReloadOutcome>,
+    /// Keys changed in the file that only a restart applies (e.g. `gateway.data_dir`).
+    pub restart_needed: Vec<String>,
+}
+
+/// One reload attempt.
+#[derive(Debug, Clone)]
+pub struct ReloadOutcome {
+    pub at: Instant,
+    /// `applied`, `unchanged` or `failed`.
+    pub result: &'static str,
+    /// The summary line (`+1 uplink rule, cloud unchanged`), or why it failed.
+    pub summary: String,
+    /// Every problem of a refused file, as `check` prints them.
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Rates {
+    pub in_per_s: f64,
+    pub out_per_s: f64,
 }
 
 /// State of one field device, logged when it changes.
@@ -260,15 +318,31 @@ impl DeviceHealth {
 
 impl Health {
     /// Registers a field device under `name` (unique per kind: `modbus/NAME`, `serial/NAME`).
+    /// A device restarted by a reload gets its entry back, counters included.
     pub fn device(&self, name: String) -> Arc<DeviceHealth> {
+        let (Ok(mut devices), Ok(mut names)) = (self.devices.lock(), self.device_names.lock())
+        else {
+            return Arc::new(DeviceHealth::default());
+        };
+        if let Some(i) = names.iter().position(|n| *n == name) {
+            return devices[i].clone();
+        }
         let device = Arc::new(DeviceHealth::default());
-        if let Ok(mut devices) = self.devices.lock() {
-            devices.push(device.clone());
-        }
-        if let Ok(mut names) = self.device_names.lock() {
-            names.push(name);
-        }
+        devices.push(device.clone());
+        names.push(name);
         device
+    }
+
+    /// Forgets a device removed from the config.
+    pub fn remove_device(&self, name: &str) {
+        let (Ok(mut devices), Ok(mut names)) = (self.devices.lock(), self.device_names.lock())
+        else {
+            return;
+        };
+        if let Some(i) = names.iter().position(|n| n == name) {
+            names.remove(i);
+            devices.remove(i);
+        }
     }
 
     fn device_snapshots(&self) -> std::collections::BTreeMap<String, DeviceSnapshot> {
@@ -296,6 +370,11 @@ impl Default for Health {
             commands: SharedLinkState::default(),
             devices: Default::default(),
             device_names: Default::default(),
+            config: Mutex::new(ConfigStatus {
+                generation: 1,
+                ..ConfigStatus::default()
+            }),
+            rates: Mutex::new(Rates::default()),
         }
     }
 }
@@ -315,15 +394,43 @@ pub struct StatusDoc {
     pub uptime_s: u64,
     pub cloud: CloudStatus,
     pub queue: QueueStatus,
+    pub rates: Rates,
     pub counters: CounterSnapshot,
     /// Field devices by `modbus/NAME` or `serial/NAME`.
     pub devices: std::collections::BTreeMap<String, DeviceSnapshot>,
+    pub config: ConfigDoc,
+    pub clock: ClockDoc,
 }
 
 #[derive(Debug, Serialize)]
 pub struct CloudStatus {
     pub telemetry: &'static str,
     pub commands: &'static str,
+    /// Seconds each link has been in its state.
+    pub telemetry_for_s: u64,
+    pub commands_for_s: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConfigDoc {
+    pub generation: u64,
+    pub last_reload: Option<ReloadDoc>,
+    pub restart_needed: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReloadDoc {
+    pub ago_s: u64,
+    pub result: &'static str,
+    pub summary: String,
+    pub problems: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ClockDoc {
+    /// The wall clock is synchronised (or at least later than this build): readings' `ts`
+    /// can be trusted.
+    pub trusted: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -345,6 +452,8 @@ impl Health {
             cloud: CloudStatus {
                 telemetry: self.telemetry.get().as_str(),
                 commands: self.commands.get().as_str(),
+                telemetry_for_s: self.telemetry.for_s(),
+                commands_for_s: self.commands.for_s(),
             },
             queue: QueueStatus {
                 rows: self.queue.rows.load(Ordering::Relaxed),
@@ -352,8 +461,33 @@ impl Health {
                 on_disk: self.queue.disk_rows.load(Ordering::Relaxed),
                 oldest_age_ms: (oldest != u64::MAX).then(|| now.saturating_sub(oldest)),
             },
+            rates: self.rates.lock().map(|r| *r).unwrap_or_default(),
             counters: self.counters.snapshot(),
             devices: self.device_snapshots(),
+            config: self.config_doc(),
+            clock: ClockDoc {
+                trusted: crate::clock::trusted(),
+            },
+        }
+    }
+
+    fn config_doc(&self) -> ConfigDoc {
+        let Ok(config) = self.config.lock() else {
+            return ConfigDoc {
+                generation: 0,
+                last_reload: None,
+                restart_needed: Vec::new(),
+            };
+        };
+        ConfigDoc {
+            generation: config.generation,
+            last_reload: config.last_reload.as_ref().map(|r| ReloadDoc {
+                ago_s: r.at.elapsed().as_secs(),
+                result: r.result,
+                summary: r.summary.clone(),
+                problems: r.problems.clone(),
+            }),
+            restart_needed: config.restart_needed.clone(),
         }
     }
 }
@@ -393,21 +527,31 @@ impl RateLimit {
     }
 }
 
+/// What the reporter takes from the config; a reload may change any of it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReporterSettings {
+    pub gateway_id: String,
+    pub status_file: std::path::PathBuf,
+    pub metrics_topic: String,
+    pub every: Duration,
+}
+
 /// Every `every`: rewrites `status.json` in the data directory and publishes the same
-/// document, retained, on the local metrics topic. Runs until shutdown, then writes once more.
+/// document, retained, on the local metrics topic; measures the rates in and out. Runs
+/// until shutdown, then writes once more.
 pub async fn run_reporter(
     health: SharedHealth,
-    gateway_id: String,
-    status_file: std::path::PathBuf,
-    metrics_topic: String,
+    mut settings: tokio::sync::watch::Receiver<ReporterSettings>,
     mut link: crate::broker::Link,
-    every: std::time::Duration,
+    mut probe: crate::supervisor::Probe,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
+    let mut current = settings.borrow_and_update().clone();
+    let mut tick = tokio::time::interval(current.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_states = (LinkState::Connecting, LinkState::Connecting);
     let mut link_open = true;
+    let mut last_counts = (Instant::now(), 0u64, 0u64);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -416,12 +560,22 @@ pub async fn run_reporter(
                 link_open = next.is_ok();
                 continue;
             }
+            changed = settings.changed() => {
+                if changed.is_ok() {
+                    current = settings.borrow_and_update().clone();
+                    tick = tokio::time::interval(current.every);
+                    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                }
+                continue;
+            }
+            _ = probe.serve() => continue,
             _ = shutdown.changed() => {
-                write_status(&health, &gateway_id, &status_file);
+                write_status(&health, &current).await;
                 return;
             }
         }
-        let doc = write_status(&health, &gateway_id, &status_file);
+        last_counts = measure_rates(&health, last_counts);
+        let doc = write_status(&health, &current).await;
         let states = (health.telemetry.get(), health.commands.get());
         if states != last_states {
             last_states = states;
@@ -432,7 +586,8 @@ pub async fn run_reporter(
             );
         }
         if let Some(json) = doc {
-            let publish = rumqttd::protocol::Publish::new(metrics_topic.clone(), json, true);
+            let publish =
+                rumqttd::protocol::Publish::new(current.metrics_topic.clone(), json, true);
             if let Err(e) = link
                 .tx
                 .send(rumqttd::protocol::Packet::Publish(publish, None))
@@ -444,17 +599,45 @@ pub async fn run_reporter(
     }
 }
 
-/// Writes `status.json` atomically (temp file + rename); returns the JSON it wrote.
-fn write_status(health: &Health, gateway_id: &str, path: &std::path::Path) -> Option<String> {
-    let json = match serde_json::to_string(&health.status(gateway_id)) {
+/// Messages per second in and out since the last measurement.
+fn measure_rates(
+    health: &Health,
+    (at, received, forwarded): (Instant, u64, u64),
+) -> (Instant, u64, u64) {
+    let now = Instant::now();
+    let counters = &health.counters;
+    let (r, f) = (
+        counters.received.load(Ordering::Relaxed),
+        counters.forwarded.load(Ordering::Relaxed),
+    );
+    let secs = now.duration_since(at).as_secs_f64().max(1e-3);
+    if let Ok(mut rates) = health.rates.lock() {
+        rates.in_per_s = ((r - received) as f64 / secs * 10.0).round() / 10.0;
+        rates.out_per_s = ((f - forwarded) as f64 / secs * 10.0).round() / 10.0;
+    }
+    (now, r, f)
+}
+
+/// Writes `status.json` atomically (temp file + rename) on a blocking thread; returns the
+/// JSON it wrote.
+async fn write_status(health: &Health, settings: &ReporterSettings) -> Option<String> {
+    let json = match serde_json::to_string(&health.status(&settings.gateway_id)) {
         Ok(json) => json,
         Err(e) => {
             tracing::error!(error = %e, "serialising the status document");
             return None;
         }
     };
-    let tmp = path.with_extension("json.tmp");
-    if let Err(e) = std::fs::write(&tmp, &json).and_then(|_| std::fs::rename(&tmp, path)) {
+    let path = settings.status_file.clone();
+    let text = json.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(&tmp, text)
+            .and_then(|_| std::fs::rename(&tmp, &path))
+            .map_err(|e| (path, e))
+    })
+    .await;
+    if let Ok(Err((path, e))) = written {
         tracing::warn!(path = %path.display(), error = %e, "writing the status file failed");
     }
     Some(json)
@@ -473,19 +656,60 @@ pub fn render_status(doc: &serde_json::Value) -> String {
     };
     let mut out = format!(
         "gateway    {} (bridgehead {}), up {}s\n\
-         cloud      telemetry {}, commands {}\n\
+         cloud      telemetry {} for {}s, commands {} for {}s\n\
          outbox     {} rows ({} on disk), {} bytes, oldest {} ms\n\
-         counters  ",
+         rates      in {} msg/s, out {} msg/s\n\
+         drops      full {}, rejected {}, expired {}, dead-lettered {}, invalid topic {}, lost {}\n",
         field("/gateway_id"),
         field("/version"),
         field("/uptime_s"),
         field("/cloud/telemetry"),
+        field("/cloud/telemetry_for_s"),
         field("/cloud/commands"),
+        field("/cloud/commands_for_s"),
         field("/queue/rows"),
         field("/queue/on_disk"),
         field("/queue/bytes"),
         field("/queue/oldest_age_ms"),
+        field("/rates/in_per_s"),
+        field("/rates/out_per_s"),
+        field("/counters/dropped_full"),
+        field("/counters/rejected_full"),
+        field("/counters/expired"),
+        field("/counters/dead_lettered"),
+        field("/counters/intake_invalid"),
+        field("/counters/outbox_lost"),
     );
+    out.push_str(&format!(
+        "config     generation {}",
+        field("/config/generation")
+    ));
+    if let Some(reload) = doc.pointer("/config/last_reload").filter(|r| !r.is_null()) {
+        let text = |key: &str| reload[key].as_str().unwrap_or("?").to_owned();
+        out.push_str(&format!(
+            ", last reload {}s ago: {} ({})",
+            reload["ago_s"],
+            text("result"),
+            text("summary")
+        ));
+        for problem in reload["problems"].as_array().into_iter().flatten() {
+            out.push_str(&format!("\n           {}", problem.as_str().unwrap_or("?")));
+        }
+    }
+    out.push('\n');
+    if let Some(keys) = doc
+        .pointer("/config/restart_needed")
+        .and_then(|k| k.as_array())
+    {
+        if !keys.is_empty() {
+            let keys: Vec<&str> = keys.iter().filter_map(|k| k.as_str()).collect();
+            out.push_str(&format!("restart    needed to apply {}\n", keys.join(", ")));
+        }
+    }
+    if doc.pointer("/clock/trusted") == Some(&serde_json::Value::Bool(false)) {
+        out.push_str("clock      not trusted yet (readings' ts say so)\n");
+    }
+    out.push_str("counters  ");
     if let Some(counters) = doc.get("counters").and_then(|c| c.as_object()) {
         for (name, value) in counters {
             out.push_str(&format!(" {name}={value}"));

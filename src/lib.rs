@@ -4,6 +4,7 @@
 //! This file only wires the parts together; each module owns one stage of the data flow.
 
 pub mod broker;
+pub mod clock;
 pub mod cloud;
 pub mod config;
 pub mod downlink;
@@ -11,36 +12,50 @@ pub mod field;
 pub mod health;
 pub mod logging;
 pub mod outbox;
+pub mod reload;
+pub mod status_socket;
+pub mod supervisor;
+pub mod systemd;
 pub mod topics;
 pub mod uplink;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::broker::{front_door, IntakeRule, LocalBroker};
+use crate::broker::{listeners, LocalBroker};
 use crate::cloud::CloudLink;
 use crate::config::Config;
 use crate::health::SharedHealth;
+use crate::reload::Live;
+use crate::supervisor::{Liveness, Supervisor};
 
 /// SIGTERM to exit: the whole shutdown stays within this.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 
-/// Runs the gateway until SIGTERM or SIGINT.
-pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
+/// Runs the gateway on the config read from `config_path` until SIGTERM or SIGINT;
+/// reloads it on SIGHUP and when the file changes. An error is a reason to restart.
+pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> anyhow::Result<()> {
+    let config_path = std::path::absolute(config_path).context("resolving the config path")?;
     let cloud = CloudLink::new(&config.cloud).context("preparing the cloud connection")?;
-    let (outbox, outbox_thread) =
-        outbox::open(&config.queue, &config.gateway.data_dir, health.clone())?;
+    let (outbox, outbox_thread) = {
+        let (queue, data_dir, health) = (
+            config.queue.clone(),
+            config.gateway.data_dir.clone(),
+            health.clone(),
+        );
+        tokio::task::spawn_blocking(move || outbox::open(&queue, &data_dir, health)).await??
+    };
 
     // The device ports are bound before rumqttd's internal ports are picked, so that the
     // kernel cannot hand one of ours to rumqttd.
-    let v4_listener = bind_devices(config.local.listen, "local.listen").await?;
+    let v4_listener = listeners::bind(config.local.listen, "local.listen").await?;
     let v5_listener = match config.local.listen_v5 {
-        Some(listen) => Some(bind_devices(listen, "local.listen_v5").await?),
+        Some(listen) => Some(listeners::bind(listen, "local.listen_v5").await?),
         None => None,
     };
 
@@ -48,137 +63,169 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
     let intake_link = broker.link("intake")?;
     let command_link = broker.link("downlink")?;
     let health_link = broker.link("health")?;
-    let field_links = match field::wanted(&config) {
-        true => Some((
-            broker.link("field-readings")?,
-            broker.link("field-commands")?,
-        )),
-        false => None,
-    };
+    // Made even without field devices: a reload may add some.
+    let field_links = (
+        broker.link("field-readings")?,
+        broker.link("field-commands")?,
+    );
     let (internal_v4, internal_v5) = (broker.internal_v4, broker.internal_v5);
     broker.start()?;
     wait_for_port(internal_v4).await?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let limits = front_door::Limits {
-        connect_timeout: config.local.connect_timeout,
-        max_connections: config.local.max_connections,
-        max_packet: config.local.max_payload + 64 * 1024,
-    };
-    let mut listeners = vec![(v4_listener, internal_v4)];
-    if let (Some(listener), Some(internal)) = (v5_listener, internal_v5) {
-        wait_for_port(internal).await?;
-        listeners.push((listener, internal));
-    }
-    for (listener, internal) in listeners {
-        if let Ok(listen) = listener.local_addr() {
-            info!(%listen, "local broker accepting devices");
-        }
-        tokio::spawn(front_door::serve(
-            listener,
-            internal,
-            limits.clone(),
-            health.clone(),
-            shutdown.clone(),
-        ));
-    }
-
-    let rules = config
-        .uplink
-        .iter()
-        .map(|r| IntakeRule {
-            filter: r.topic.clone(),
-            remote_prefix: r.remote_prefix.clone(),
-            qos: r.qos as u8,
-            lane: r.drain,
-        })
-        .collect();
-    let intake = tokio::spawn(broker::run_intake(
-        intake_link,
-        rules,
+    let liveness = Arc::new(Liveness::default());
+    let mut supervisor = Supervisor::new(liveness.clone());
+    let (mut live, rx) = Live::new(
+        &config_path,
+        &config,
+        cloud.clone(),
         outbox.clone(),
         health.clone(),
         shutdown.clone(),
-    ));
-    let uplink = tokio::spawn(
+    );
+    live.listeners
+        .serve(&mut supervisor, "local.listen", v4_listener, internal_v4);
+    if let (Some(listener), Some(internal)) = (v5_listener, internal_v5) {
+        wait_for_port(internal).await?;
+        live.listeners
+            .serve(&mut supervisor, "local.listen_v5", listener, internal);
+    }
+
+    let intake = supervisor.spawn(
+        "intake",
+        broker::run_intake(
+            intake_link,
+            rx.intake_rules.clone(),
+            outbox.clone(),
+            health.clone(),
+            liveness.probe("intake"),
+            shutdown.clone(),
+        ),
+    );
+    let uplink = supervisor.spawn(
+        "uplink",
         uplink::Uplink {
             cloud: cloud.clone(),
             outbox: outbox.clone(),
             report_every: (config.queue.commit_interval / 4).min(Duration::from_millis(50)),
             health: health.clone(),
             shutdown: shutdown.clone(),
+            control: rx.cloud_control(liveness.probe("uplink")),
         }
         .run(),
     );
-    // Without [[downlink]] rules there is no command connection at all.
-    if config.downlink.is_empty() {
-        health.commands.set(health::LinkState::Off);
-    }
-    let mut downlink = (!config.downlink.is_empty()).then(|| {
-        tokio::spawn(
-            downlink::Downlink {
-                cloud,
-                data_dir: config.gateway.data_dir.clone(),
-                rules: config.downlink.clone(),
-                link: command_link,
-                health: health.clone(),
-                shutdown: shutdown.clone(),
-            }
-            .run(),
-        )
+    let downlink = downlink::Downlink {
+        cloud,
+        data_dir: config.gateway.data_dir.clone(),
+        rules: config.downlink.clone(),
+        link: command_link,
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+        control: rx.cloud_control(liveness.probe("downlink")),
+    };
+    supervisor.spawn("downlink", async move {
+        if let Err(e) = downlink.run().await {
+            error!(error = %e, "the command link cannot go on");
+        }
     });
-    let reporter = tokio::spawn(health::run_reporter(
-        health.clone(),
-        config.gateway.id.clone(),
-        config.gateway.data_dir.join("status.json"),
-        config.gateway.metrics_topic.clone(),
-        health_link,
-        config.gateway.metrics_interval,
-        shutdown.clone(),
-    ));
-    let field_tasks = match field_links {
-        Some((readings, commands)) => field::spawn(
+    supervisor.spawn(
+        "reporter",
+        health::run_reporter(
+            health.clone(),
+            rx.reporter.clone(),
+            health_link,
+            liveness.probe("reporter"),
+            shutdown.clone(),
+        ),
+    );
+    match status_socket::bind(&config.gateway.data_dir) {
+        Ok(listener) => {
+            supervisor.spawn(
+                "status socket",
+                status_socket::serve(
+                    listener,
+                    health.clone(),
+                    rx.reporter.clone(),
+                    liveness.probe("status socket"),
+                    shutdown.clone(),
+                ),
+            );
+        }
+        Err(e) => {
+            warn!(error = %e, "no status socket; `bridgehead status` falls back to status.json")
+        }
+    }
+    supervisor.spawn(
+        "clock",
+        clock::run_watch(health.clone(), liveness.probe("clock"), shutdown.clone()),
+    );
+    let (trigger_tx, mut triggers) = mpsc::channel(4);
+    supervisor.spawn(
+        "config watcher",
+        reload::run_watcher(
+            config_path.clone(),
+            rx.watched.clone(),
+            trigger_tx,
+            liveness.probe("config watcher"),
+            shutdown.clone(),
+        ),
+    );
+    let (readings, commands) = field_links;
+    live.field = Some(
+        field::Field::start(
             &config,
             readings,
             commands,
             health.clone(),
+            &mut supervisor,
+            shutdown.clone(),
+        )
+        .await,
+    );
+    supervisor.spawn(
+        "watchdog",
+        systemd::run_watchdog(
+            liveness.clone(),
+            outbox.clone(),
+            health.clone(),
             shutdown.clone(),
         ),
-        None => Vec::new(),
-    };
+    );
     info!(gateway_id = %config.gateway.id, cloud = %format!("{}:{}", config.cloud.url.host, config.cloud.url.port),
         uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(),
         modbus_devices = config.modbus.len(), serial_sensors = config.serial.len(), "bridgehead running");
+    systemd::ready();
 
-    let fatal = tokio::select! {
-        signal = wait_for_signal() => { info!(%signal, "shutting down"); None }
-        result = async {
-            match downlink.as_mut() {
-                Some(task) => task.await,
-                None => std::future::pending().await,
+    let mut signals = Signals::new()?;
+    let fatal = loop {
+        tokio::select! {
+            signal = signals.next() => match signal {
+                Signal::Reload => {
+                    let loaded = reload::load(&config_path).await;
+                    live.reload(&mut supervisor, &config_path, loaded, "SIGHUP").await;
+                }
+                Signal::Stop(name) => {
+                    info!(signal = name, "shutting down");
+                    break None;
+                }
+            },
+            Some(trigger) = triggers.recv() => {
+                live.reload(&mut supervisor, &config_path, trigger.loaded, trigger.reason).await;
             }
-        } => Some(match result {
-            Ok(Err(e)) => anyhow::Error::new(e),
-            Ok(Ok(())) => anyhow::anyhow!("the command link stopped"),
-            Err(e) => anyhow::Error::new(e),
-        }),
+            ended = supervisor.unexpected_end() => break Some(ended),
+        }
     };
+    systemd::stopping();
     let _ = shutdown_tx.send(true);
     let finished = tokio::time::timeout(SHUTDOWN_BUDGET, async {
         // The intake hands over what the broker already accepted, the uplink reports what
         // the cloud acknowledged, then the outbox writes what is left.
-        let _ = intake.await;
-        let _ = uplink.await;
+        supervisor.join(&intake).await;
+        supervisor.join(&uplink).await;
         if let Err(e) = outbox.shutdown().await {
             warn!(error = %e, "closing the outbox");
         }
-        if let (None, Some(task)) = (&fatal, downlink) {
-            let _ = task.await;
-        }
-        let _ = reporter.await;
-        for task in field_tasks {
-            let _ = task.await;
-        }
+        supervisor.join_all().await;
     })
     .await;
     if finished.is_err() {
@@ -189,19 +236,13 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
     match fatal {
         Some(e) => {
             error!(error = %e, "stopping the gateway so that it can be restarted cleanly");
-            Err(e)
+            Err(e.into())
         }
         None => {
             info!("bridgehead stopped");
             Ok(())
         }
     }
-}
-
-async fn bind_devices(listen: std::net::SocketAddr, key: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("listening for devices on {listen} ({key})"))
 }
 
 async fn wait_for_port(addr: std::net::SocketAddr) -> anyhow::Result<()> {
@@ -217,22 +258,33 @@ async fn wait_for_port(addr: std::net::SocketAddr) -> anyhow::Result<()> {
     }
 }
 
-/// SIGTERM or SIGINT. SIGHUP (reload) is logged: reload is not built yet.
-async fn wait_for_signal() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::hangup()),
-    ) else {
-        error!("cannot install signal handlers; stop the gateway with SIGKILL");
-        return std::future::pending().await;
-    };
-    loop {
+enum Signal {
+    Stop(&'static str),
+    Reload,
+}
+
+/// SIGTERM and SIGINT stop the gateway; SIGHUP (`systemctl reload`) reloads the config.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    async fn next(&mut self) -> Signal {
         tokio::select! {
-            _ = term.recv() => return "SIGTERM",
-            _ = int.recv() => return "SIGINT",
-            _ = hup.recv() => warn!("SIGHUP received: configuration reload is not supported yet; restart the service to apply changes"),
+            _ = self.term.recv() => Signal::Stop("SIGTERM"),
+            _ = self.int.recv() => Signal::Stop("SIGINT"),
+            _ = self.hup.recv() => Signal::Reload,
         }
     }
 }

@@ -35,8 +35,19 @@ pub fn init(health: SharedHealth) {
     match journald {
         Some(journald) => registry
             .with(
+                // Fields as journald fields without a prefix: COMPONENT (the task),
+                // DEVICE, TOPIC, PEER, CLIENT_ID, ... (`journalctl COMPONENT=uplink`).
                 journald
                     .with_syslog_identifier("bridgehead".into())
+                    .with_field_prefix(None)
+                    // journalctl -p info shows info and above, as operators expect.
+                    .with_priority_mappings(tracing_journald::PriorityMappings {
+                        error: tracing_journald::Priority::Error,
+                        warn: tracing_journald::Priority::Warning,
+                        info: tracing_journald::Priority::Informational,
+                        debug: tracing_journald::Priority::Debug,
+                        trace: tracing_journald::Priority::Debug,
+                    })
                     .with_filter(filter),
             )
             .init(),

@@ -29,10 +29,16 @@ enum Command {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
     },
-    /// Print link and outbox state of the gateway running with this config.
+    /// Print the state of the gateway running with this config, as of this moment.
+    ///
+    /// Exit codes: 0 running and linked to the cloud; 2 running, a cloud link is not up;
+    /// 3 not running (the last status.json is shown with its age); 1 bad config or usage.
     Status {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
+        /// The status document as JSON, for scripts.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -50,7 +56,7 @@ fn main() -> ExitCode {
             }
         },
         Command::Run { config } => run(&config),
-        Command::Status { config } => status(&config),
+        Command::Status { config, json } => status(&config, json),
     }
 }
 
@@ -91,7 +97,7 @@ fn run(path: &Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(bridgehead::run(config, health));
+    let result = runtime.block_on(bridgehead::run(path, config, health));
     runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,49 +108,76 @@ fn run(path: &Path) -> ExitCode {
     }
 }
 
-fn status(path: &Path) -> ExitCode {
-    let config = match bridgehead::config::load(path) {
-        Ok(config) => config,
-        Err(e) => {
-            eprintln!("{e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let file = config.gateway.data_dir.join("status.json");
-    let text = match std::fs::read_to_string(&file) {
-        Ok(text) => text,
-        Err(e) => {
-            eprintln!(
-                "cannot read {}: {e} (is the gateway running with this config?)",
-                file.display()
-            );
-            return ExitCode::FAILURE;
-        }
-    };
-    let age = std::fs::metadata(&file)
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok());
-    match serde_json::from_str::<serde_json::Value>(&text) {
-        Ok(doc) => {
-            print!("{}", bridgehead::health::render_status(&doc));
-            if let Some(age) = age {
-                let stale = age > config.gateway.metrics_interval * 3;
+/// Exit codes of `bridgehead status`.
+const RUNNING_LINKED: u8 = 0;
+const RUNNING_LINK_DOWN: u8 = 2;
+const NOT_RUNNING: u8 = 3;
+
+fn status(path: &Path, json: bool) -> ExitCode {
+    if !path.exists() {
+        eprintln!("{}: no such config file", path.display());
+        return ExitCode::FAILURE;
+    }
+    let data_dir = &bridgehead::config::data_dir_of(path);
+    if let Some(doc) = ask_running(data_dir) {
+        print_status(&doc, json);
+        let linked = doc["cloud"]["telemetry"] == "up"
+            && (doc["cloud"]["commands"] == "up" || doc["cloud"]["commands"] == "off");
+        return ExitCode::from(if linked {
+            RUNNING_LINKED
+        } else {
+            RUNNING_LINK_DOWN
+        });
+    }
+    let file = data_dir.join("status.json");
+    let read = std::fs::read_to_string(&file).ok().and_then(|text| {
+        let age = std::fs::metadata(&file)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .map_or(0, |age| age.as_secs());
+        serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .map(|doc| (doc, age))
+    });
+    match read {
+        Some((mut doc, age)) => {
+            doc["running"] = serde_json::Value::Bool(false);
+            doc["written_ago_s"] = age.into();
+            print_status(&doc, json);
+            if !json {
                 println!(
-                    "written {}s ago{}",
-                    age.as_secs(),
-                    if stale {
-                        " (stale: the gateway may not be running)"
-                    } else {
-                        ""
-                    }
+                    "not running: this is the last status it wrote, {age}s ago ({})",
+                    file.display()
                 );
             }
-            ExitCode::SUCCESS
         }
-        Err(e) => {
-            eprintln!("{} is not a status document: {e}", file.display());
-            ExitCode::FAILURE
-        }
+        None if json => println!("{{\"running\":false}}"),
+        None => println!(
+            "not running: no status socket and no status file in {}",
+            data_dir.display()
+        ),
+    }
+    ExitCode::from(NOT_RUNNING)
+}
+
+/// The status document of this moment from the running gateway's socket, if it answers.
+fn ask_running(data_dir: &Path) -> Option<serde_json::Value> {
+    use std::io::Read;
+    let path = bridgehead::status_socket::path(data_dir);
+    let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .ok()?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn print_status(doc: &serde_json::Value, json: bool) {
+    if json {
+        println!("{doc}");
+    } else {
+        print!("{}", bridgehead::health::render_status(doc));
     }
 }

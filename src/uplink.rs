@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use crate::cloud::{error_chain, CloudLink};
 use crate::health::{add, LinkState, SharedHealth};
 use crate::outbox::{Delivered, OutboxHandle, Row};
+use crate::reload::CloudControl;
 
 /// Messages (and bytes of topic plus payload) the outbox may send ahead of the window; the
 /// uplink gives credit back in halves.
@@ -36,6 +37,8 @@ pub struct Uplink {
     pub report_every: Duration,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
+    /// New `[cloud]` settings from a reload end the connection; the next one uses them.
+    pub control: CloudControl,
 }
 
 /// What a request sent to rumqttc stands for, in request order.
@@ -54,6 +57,8 @@ enum InFlight {
 
 enum End {
     Shutdown,
+    /// New cloud settings: reconnect with them at once.
+    Reconfigured,
     Lost {
         error: String,
         /// The link had been up long enough to count as working (backoff starts over).
@@ -162,25 +167,28 @@ impl Uplink {
         let mut session = 0u64;
         loop {
             session += 1;
+            self.cloud = self.control.cloud();
             self.health.telemetry.set(LinkState::Connecting);
             let (client, eventloop) = self.connect();
-            let End::Lost {
-                error,
-                was_up,
-                progressed,
-                head,
-                alone,
-            } = self.session(client, eventloop, &mut poison, session).await
-            else {
-                return;
-            };
+            let (error, was_up, progressed, head, alone) =
+                match self.session(client, eventloop, &mut poison, session).await {
+                    End::Lost {
+                        error,
+                        was_up,
+                        progressed,
+                        head,
+                        alone,
+                    } => (error, was_up, progressed, head, alone),
+                    End::Reconfigured => continue,
+                    End::Shutdown => return,
+                };
             if let Some(row) = poison.after_loss(head, progressed, alone) {
                 if self.dead_letter_by_id(row, &error).await.is_err() {
                     return;
                 }
             }
-            let go_on = reconnect
-                .after_failure(
+            let go_on = tokio::select! {
+                go_on = reconnect.after_failure(
                     &self.health,
                     &self.health.telemetry,
                     &self.cloud.config.client_id,
@@ -188,8 +196,9 @@ impl Uplink {
                     &error,
                     was_up,
                     &mut self.shutdown,
-                )
-                .await;
+                ) => go_on,
+                _ = self.control.cloud_changed() => true,
+            };
             if !go_on {
                 return;
             }
@@ -229,6 +238,7 @@ impl Uplink {
             let event = tokio::select! {
                 event = eventloop.poll() => event,
                 _ = self.shutdown.changed() => return End::Shutdown,
+                _ = self.control.cloud_changed() => return End::Reconfigured,
             };
             match event {
                 Ok(Event::Incoming(Packet::ConnAck(ack)))
@@ -359,6 +369,12 @@ impl Uplink {
                     self.go_offline(&client, &mut eventloop, &mut window, &mut delivered).await;
                     let _ = self.report(&mut delivered).await;
                     return End::Shutdown;
+                }
+                _ = self.control.cloud_changed() => {
+                    info!("cloud settings changed: reconnecting with them; unacknowledged messages are resent from the outbox");
+                    self.go_offline(&client, &mut eventloop, &mut window, &mut delivered).await;
+                    let _ = self.report(&mut delivered).await;
+                    return End::Reconfigured;
                 }
             }
         }

@@ -11,13 +11,13 @@
 //! - connections are bounded, and a peer that never sends a CONNECT is dropped.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use super::INTERNAL_ID_PREFIX;
@@ -57,16 +57,16 @@ enum ConnectError {
     TooLarge(usize),
 }
 
-/// Accepts devices until shutdown; each connection runs on its own task.
+/// Accepts devices until shutdown; each connection runs on its own task. `limits` may
+/// change while it runs (a reload): each new connection is held to the current ones.
 pub async fn serve(
     listener: TcpListener,
     backend: SocketAddr,
-    limits: Limits,
+    limits: watch::Receiver<Limits>,
     health: SharedHealth,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let limits = Arc::new(limits);
+    let active = Arc::new(AtomicUsize::new(0));
     let mut refused_log = RateLimit::new(Duration::from_secs(10));
     let mut backoff = Duration::from_millis(10);
     loop {
@@ -87,7 +87,8 @@ pub async fn serve(
                 continue;
             }
         };
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
+        let limits = Arc::new(limits.borrow().clone());
+        let Some(permit) = Permit::take(&active, limits.max_connections) else {
             inc(&health.counters.front_door_refused);
             if let Some(held) = refused_log.check() {
                 warn!(%peer, max_connections = limits.max_connections, earlier_warnings_suppressed = held,
@@ -95,7 +96,6 @@ pub async fn serve(
             }
             continue;
         };
-        let limits = limits.clone();
         let health = health.clone();
         tokio::spawn(async move {
             if let Err(reason) = handle(stream, backend, &limits).await {
@@ -104,6 +104,28 @@ pub async fn serve(
             }
             drop(permit);
         });
+    }
+}
+
+/// One of `local.max_connections`, held while a device is connected. A counter rather than
+/// a semaphore, so that a reload can lower the limit below the connections already open
+/// (they stay; new ones wait for the count to fall).
+struct Permit(Arc<AtomicUsize>);
+
+impl Permit {
+    fn take(active: &Arc<AtomicUsize>, max: usize) -> Option<Permit> {
+        active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Permit(active.clone()))
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

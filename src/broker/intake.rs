@@ -1,6 +1,7 @@
 //! The intake: one subscription to everything on the local broker, our own rule matching
 //! (overlapping filters must not deliver a message twice), and the hand-off to the outbox.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use rumqttd::local::LinkError;
@@ -11,6 +12,7 @@ use tracing::{info, warn};
 use super::Link;
 use crate::health::{inc, RateLimit, SharedHealth};
 use crate::outbox::{Lane, NewMessage, OutboxHandle};
+use crate::supervisor::Probe;
 use crate::topics;
 
 /// An uplink rule as the intake applies it.
@@ -27,25 +29,35 @@ pub struct IntakeRule {
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
 const DRAIN_MAX: Duration = Duration::from_secs(1);
 
+/// The uplink rules in force; a reload replaces the whole set at once, so every message is
+/// matched against one set, the old or the new.
+pub type Rules = watch::Receiver<Arc<Vec<IntakeRule>>>;
+
 /// Reads every local message and queues those matched by a rule; returns after shutdown,
 /// once the broker's backlog toward the intake is drained.
 pub async fn run_intake(
     mut link: Link,
-    rules: Vec<IntakeRule>,
+    mut rules: Rules,
     outbox: OutboxHandle,
     health: SharedHealth,
+    mut probe: Probe,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    if rules.is_empty() {
+    // Without rules there is nothing to read: the subscription waits for the first rule.
+    while rules.borrow_and_update().is_empty() {
         info!("no [[uplink]] rules: nothing is forwarded to the cloud");
-        return;
+        tokio::select! {
+            changed = rules.changed() => if changed.is_err() { return },
+            _ = probe.serve() => {}
+            _ = shutdown.changed() => return,
+        }
     }
     if let Err(e) = link.tx.subscribe("#") {
         warn!(error = %e, "intake could not subscribe on the local broker; nothing will be forwarded");
         return;
     }
     let mut intake = Intake {
-        rules,
+        rules: rules.borrow().clone(),
         outbox,
         health,
         invalid_log: RateLimit::new(Duration::from_secs(10)),
@@ -54,8 +66,11 @@ pub async fn run_intake(
     loop {
         let next = tokio::select! {
             next = link.next() => next,
+            _ = probe.serve() => continue,
             _ = shutdown.changed() => break,
         };
+        probe.tick();
+        intake.rules = rules.borrow_and_update().clone();
         if !intake.take(&mut link, next) || !intake.flush().await {
             return;
         }
@@ -77,7 +92,7 @@ pub async fn run_intake(
 const MAX_BATCH: usize = 1024;
 
 struct Intake {
-    rules: Vec<IntakeRule>,
+    rules: Arc<Vec<IntakeRule>>,
     outbox: OutboxHandle,
     health: SharedHealth,
     invalid_log: RateLimit,

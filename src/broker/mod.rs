@@ -7,6 +7,7 @@
 
 pub mod front_door;
 mod intake;
+pub mod listeners;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -20,7 +21,7 @@ use tracing::{error, info};
 
 use crate::config::LocalConfig;
 
-pub use intake::{run_intake, IntakeRule};
+pub use intake::{run_intake, IntakeRule, Rules as IntakeRules};
 
 /// Client ids of the gateway's own in-process links start with this; the front door refuses
 /// devices that try to use it (a device taking a link's id would disconnect the link).

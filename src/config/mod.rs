@@ -4,6 +4,7 @@
 //! it into [`Config`], collecting every problem with the line and key it belongs to.
 
 mod defaults;
+pub mod diff;
 mod field;
 mod locate;
 mod raw;
@@ -98,6 +99,22 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
         ConfigError::whole_file(&file, None, format!("cannot read the config file: {error}"))
     })?;
     parse(&file, &text)
+}
+
+/// Where the gateway running with the file at `path` keeps its state, read as leniently as
+/// possible: `bridgehead status` must find the running gateway even when the file has
+/// problems (an edit that a reload refused).
+pub fn data_dir_of(path: &Path) -> PathBuf {
+    let state_directory = std::env::var_os("STATE_DIRECTORY");
+    let configured = std::fs::read_to_string(path).ok().and_then(|text| {
+        let table: toml::Table = text.parse().ok()?;
+        table
+            .get("gateway")?
+            .get("data_dir")?
+            .as_str()
+            .map(PathBuf::from)
+    });
+    configured.unwrap_or_else(|| defaults::data_dir(state_directory.as_deref()))
 }
 
 /// Parses and validates config text; `file` names it in the problems.

@@ -10,18 +10,19 @@ pub mod serial;
 pub mod value;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use rumqttd::protocol::{Packet, Publish};
 use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
-use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::broker::Link;
-use crate::config::Config;
+use crate::config::{Config, ModbusDevice, SerialSensor, Transport};
 use crate::health::{inc, RateLimit, SharedHealth};
+use crate::supervisor::{Probe, Supervisor, Task};
 
 /// Readings waiting for the publishing link; a full queue slows the pollers down.
 const PUBLISH_QUEUE: usize = 1024;
@@ -47,85 +48,214 @@ impl Publisher {
     }
 }
 
-/// Whether the config has field devices (and so needs the two field links).
-pub fn wanted(config: &Config) -> bool {
-    !config.modbus.is_empty() || !config.serial.is_empty()
-}
-
-/// Starts every bus, sensor, the publisher and the command router. The links must have
-/// been made before the broker started.
-pub fn spawn(
-    config: &Config,
-    publish_link: Link,
-    command_link: Link,
+/// The running field tasks: one per Modbus bus and per serial sensor, plus the publisher
+/// and the command router. A reload stops and starts only the buses and sensors whose
+/// config changed; the others keep polling.
+pub struct Field {
+    publisher: Publisher,
+    routes: watch::Sender<Arc<HashMap<String, Route>>>,
+    buses: HashMap<String, Running<Vec<ModbusDevice>, modbus::WriteJob>>,
+    sensors: HashMap<String, Running<SerialSensor, Bytes>>,
     health: SharedHealth,
     shutdown: watch::Receiver<bool>,
-) -> Vec<JoinHandle<()>> {
-    let (out_tx, out_rx) = mpsc::channel(PUBLISH_QUEUE);
-    let publisher = Publisher(out_tx);
-    let mut tasks = Vec::new();
-    let mut routes: HashMap<String, Route> = HashMap::new();
-
-    for (transport, devices) in modbus::buses(&config.modbus) {
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        for (d, device) in devices.iter().enumerate() {
-            for (w, write) in device.writes.iter().enumerate() {
-                let job = modbus::WriteTarget {
-                    device: d,
-                    write: w,
-                };
-                routes.insert(write.topic.clone(), Route::Modbus(tx.clone(), job));
-            }
-        }
-        info!(bus = %transport.bus(), devices = devices.len(), "modbus bus starting");
-        let task = modbus::Bus::new(
-            transport,
-            devices,
-            rx,
-            publisher.clone(),
-            &health,
-            shutdown.clone(),
-        );
-        tasks.push(tokio::spawn(task.run()));
-    }
-    for sensor in &config.serial {
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        if let Some(topic) = &sensor.command_topic {
-            routes.insert(topic.clone(), Route::Serial(tx));
-        }
-        let task = serial::Sensor::new(
-            sensor.clone(),
-            rx,
-            publisher.clone(),
-            &health,
-            shutdown.clone(),
-        );
-        tasks.push(tokio::spawn(task.run()));
-    }
-    tasks.push(tokio::spawn(run_publisher(
-        publish_link,
-        out_rx,
-        shutdown.clone(),
-    )));
-    tasks.push(tokio::spawn(run_router(
-        command_link,
-        routes,
-        publisher,
-        health,
-        shutdown,
-    )));
-    tasks
 }
 
+/// A bus or sensor task with the config it runs and the way to its commands.
+struct Running<C, J> {
+    config: C,
+    task: Task,
+    commands: mpsc::Sender<J>,
+}
+
+impl Field {
+    /// Starts the publisher, the command router and every bus and sensor of `config`. The
+    /// links must have been made before the broker started.
+    pub async fn start(
+        config: &Config,
+        publish_link: Link,
+        command_link: Link,
+        health: SharedHealth,
+        supervisor: &mut Supervisor,
+        shutdown: watch::Receiver<bool>,
+    ) -> Field {
+        let (out_tx, out_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (routes, routes_rx) = watch::channel(Arc::new(HashMap::new()));
+        let probe = supervisor.liveness().probe("field-publisher");
+        supervisor.spawn(
+            "field-publisher",
+            run_publisher(publish_link, out_rx, probe, shutdown.clone()),
+        );
+        let probe = supervisor.liveness().probe("field-router");
+        supervisor.spawn(
+            "field-router",
+            run_router(
+                command_link,
+                routes_rx,
+                Publisher(out_tx.clone()),
+                health.clone(),
+                probe,
+                shutdown.clone(),
+            ),
+        );
+        let mut field = Field {
+            publisher: Publisher(out_tx),
+            routes,
+            buses: HashMap::new(),
+            sensors: HashMap::new(),
+            health,
+            shutdown,
+        };
+        field.apply(config, supervisor).await;
+        field
+    }
+
+    /// Brings the running buses and sensors in line with `config`: stops those removed or
+    /// changed, starts those added or changed, and reroutes the command topics.
+    pub async fn apply(&mut self, config: &Config, supervisor: &mut Supervisor) {
+        let mut wanted: HashMap<String, (Transport, Vec<ModbusDevice>)> =
+            modbus::buses(&config.modbus)
+                .into_iter()
+                .map(|(transport, devices)| (transport.bus(), (transport, devices)))
+                .collect();
+        let stale: Vec<String> = (self.buses.iter())
+            .filter(|(bus, running)| wanted.get(*bus).is_none_or(|(_, d)| *d != running.config))
+            .map(|(bus, _)| bus.clone())
+            .collect();
+        for bus in stale {
+            if let Some(old) = self.buses.remove(&bus) {
+                supervisor.retire(&old.task).await;
+                for device in &old.config {
+                    if !config.modbus.iter().any(|d| d.name == device.name) {
+                        self.health
+                            .remove_device(&format!("modbus/{}", device.name));
+                    }
+                }
+                info!(%bus, "modbus bus stopped");
+            }
+        }
+        for (bus, (transport, devices)) in wanted.drain() {
+            if self.buses.contains_key(&bus) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+            info!(%bus, devices = devices.len(), "modbus bus starting");
+            let name = format!("modbus {bus}");
+            let probe = supervisor.liveness().probe(name.clone());
+            let task = modbus::Bus::new(
+                transport,
+                devices.clone(),
+                rx,
+                self.publisher.clone(),
+                &self.health,
+                probe,
+                self.shutdown.clone(),
+            );
+            let task = supervisor.spawn(name, task.run());
+            self.buses.insert(
+                bus,
+                Running {
+                    config: devices,
+                    task,
+                    commands: tx,
+                },
+            );
+        }
+        let stale: Vec<String> = (self.sensors.iter())
+            .filter(|(name, running)| {
+                !config
+                    .serial
+                    .iter()
+                    .any(|s| s.name == **name && *s == running.config)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(old) = self.sensors.remove(&name) {
+                supervisor.retire(&old.task).await;
+                if !config.serial.iter().any(|s| s.name == name) {
+                    self.health.remove_device(&format!("serial/{name}"));
+                }
+            }
+        }
+        for sensor in &config.serial {
+            if self.sensors.contains_key(&sensor.name) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+            let name = format!("serial {}", sensor.name);
+            let probe = supervisor.liveness().probe(name.clone());
+            let task = serial::Sensor::new(
+                sensor.clone(),
+                rx,
+                self.publisher.clone(),
+                &self.health,
+                probe,
+                self.shutdown.clone(),
+            );
+            let task = supervisor.spawn(name, task.run());
+            self.sensors.insert(
+                sensor.name.clone(),
+                Running {
+                    config: sensor.clone(),
+                    task,
+                    commands: tx,
+                },
+            );
+        }
+        self.routes.send_replace(Arc::new(self.routes()));
+    }
+
+    /// Command topic -> the task that executes it.
+    fn routes(&self) -> HashMap<String, Route> {
+        let mut routes = HashMap::new();
+        for bus in self.buses.values() {
+            for (d, device) in bus.config.iter().enumerate() {
+                for (w, write) in device.writes.iter().enumerate() {
+                    let target = modbus::WriteTarget {
+                        device: d,
+                        write: w,
+                    };
+                    routes.insert(
+                        write.topic.clone(),
+                        Route::Modbus(bus.commands.clone(), target),
+                    );
+                }
+            }
+        }
+        for sensor in self.sensors.values() {
+            if let Some(topic) = &sensor.config.command_topic {
+                routes.insert(topic.clone(), Route::Serial(sensor.commands.clone()));
+            }
+        }
+        routes
+    }
+}
+
+#[derive(Clone)]
 enum Route {
     Modbus(mpsc::Sender<modbus::WriteJob>, modbus::WriteTarget),
     Serial(mpsc::Sender<Bytes>),
+}
+
+/// Subscribes to the topics `new` adds and unsubscribes those it drops.
+fn resubscribe(link: &mut Link, old: &HashMap<String, Route>, new: &HashMap<String, Route>) {
+    for topic in new.keys().filter(|t| !old.contains_key(*t)) {
+        if let Err(e) = link.tx.subscribe(topic.clone()) {
+            warn!(%topic, error = %e, "field commands: cannot subscribe; commands on this topic are not executed");
+        }
+    }
+    for topic in old.keys().filter(|t| !new.contains_key(*t)) {
+        if let Err(e) = link.tx.unsubscribe(topic.clone()) {
+            warn!(%topic, error = %e, "field commands: cannot unsubscribe a removed command topic");
+        }
+    }
 }
 
 /// Moves readings into the local broker.
 async fn run_publisher(
     mut link: Link,
     mut out: mpsc::Receiver<Outgoing>,
+    mut probe: Probe,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut link_open = true;
@@ -141,28 +271,39 @@ async fn run_publisher(
             }
             // The link's notifications must be read, or the broker stalls it.
             next = link.next(), if link_open => link_open = next.is_ok(),
+            _ = probe.serve() => {}
             _ = shutdown.changed() => return,
         }
     }
 }
 
-/// Subscribes to every command topic of the field and hands each command to its owner.
+/// Subscribes to every command topic of the field and hands each command to its owner;
+/// a reload changes the routes (and so the subscriptions) while it runs.
 async fn run_router(
     mut link: Link,
-    routes: HashMap<String, Route>,
+    mut routes_rx: watch::Receiver<Arc<HashMap<String, Route>>>,
     publisher: Publisher,
     health: SharedHealth,
+    mut probe: Probe,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    for topic in routes.keys() {
-        if let Err(e) = link.tx.subscribe(topic.clone()) {
-            warn!(%topic, error = %e, "field commands: cannot subscribe; commands on this topic are not executed");
-        }
-    }
+    let mut routes: Arc<HashMap<String, Route>> = Arc::new(HashMap::new());
     let mut busy_log = RateLimit::new(Duration::from_secs(10));
     loop {
+        if routes_rx.has_changed().unwrap_or(false) {
+            let new = routes_rx.borrow_and_update().clone();
+            resubscribe(&mut link, &routes, &new);
+            routes = new;
+        }
         let next = tokio::select! {
             next = link.next() => next,
+            changed = routes_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+            _ = probe.serve() => continue,
             _ = shutdown.changed() => return,
         };
         let forward = match next {

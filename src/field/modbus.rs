@@ -4,7 +4,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
@@ -20,6 +20,7 @@ use crate::config::{
     ModbusDevice, ModbusRead, Parity, PayloadFormat, RegisterKind, Transport, WriteKind,
 };
 use crate::health::{add, inc, DeviceHealth, DeviceState, SharedHealth};
+use crate::supervisor::Probe;
 
 /// Most registers and bits one read request may ask for (Modbus spec).
 const MAX_REGISTERS: u16 = 125;
@@ -159,6 +160,7 @@ pub struct Bus {
     commands: mpsc::Receiver<WriteJob>,
     publisher: Publisher,
     health: SharedHealth,
+    probe: Probe,
     shutdown: watch::Receiver<bool>,
     commands_open: bool,
     conn: Option<Context>,
@@ -175,6 +177,7 @@ impl Bus {
         commands: mpsc::Receiver<WriteJob>,
         publisher: Publisher,
         health: &SharedHealth,
+        probe: Probe,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         let now = Instant::now();
@@ -206,6 +209,7 @@ impl Bus {
             commands,
             publisher,
             health: health.clone(),
+            probe,
             shutdown,
             commands_open: true,
             conn: None,
@@ -217,6 +221,7 @@ impl Bus {
 
     pub async fn run(mut self) {
         loop {
+            self.probe.tick();
             if *self.shutdown.borrow() {
                 self.close().await;
                 return;
@@ -251,6 +256,7 @@ impl Bus {
                     // No write topics (or the router stopped): keep polling.
                     None => self.commands_open = false,
                 },
+                _ = self.probe.serve() => {}
                 _ = self.shutdown.changed() => {}
             }
         }
@@ -269,21 +275,10 @@ impl Bus {
             .map(|d| d.config.timeout)
             .max()
             .unwrap_or(Duration::from_secs(1));
-        let opened = match &self.transport {
-            Transport::Tcp(address) => {
-                let address = address.clone();
-                match tokio::time::timeout(
-                    timeout.max(Duration::from_secs(1)),
-                    connect_tcp(&address),
-                )
-                .await
-                {
-                    Ok(result) => result,
-                    Err(_) => Err(format!("connecting to {address} timed out")),
-                }
-            }
-            Transport::Rtu(line) => open_rtu(line),
-        };
+        let opened = self
+            .probe
+            .answering(open_bus(self.transport.clone(), timeout))
+            .await;
         match opened {
             Ok(conn) => {
                 self.conn = Some(conn);
@@ -395,7 +390,10 @@ impl Bus {
             return Err(Fault::Transport(format!("{} is not open", self.name)));
         };
         conn.set_slave(Slave(unit));
-        let outcome = tokio::time::timeout(timeout, conn.call(request)).await;
+        let outcome = self
+            .probe
+            .answering(tokio::time::timeout(timeout, conn.call(request)))
+            .await;
         if !self.silence.is_zero() {
             tokio::time::sleep(self.silence).await;
         }
@@ -479,7 +477,10 @@ impl Bus {
             device.last[r] = Some((reading, now));
             let payload = match read.payload {
                 PayloadFormat::Plain => reading.plain(),
-                PayloadFormat::Json => reading.json(unix_ms()),
+                PayloadFormat::Json => {
+                    let (unix_ms, trusted) = crate::clock::now_unix_ms();
+                    reading.json(unix_ms, trusted)
+                }
             };
             inc(&device.health.readings);
             inc(&self.health.counters.field_readings);
@@ -578,10 +579,21 @@ fn backoff(failures: u32) -> Duration {
     (BACKOFF_MIN * factor).min(BACKOFF_MAX)
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Opens a bus's TCP connection or serial port (on a blocking thread: opening a port is a
+/// blocking system call).
+async fn open_bus(transport: Transport, timeout: Duration) -> Result<Context, String> {
+    match transport {
+        Transport::Tcp(address) => {
+            let connecting = connect_tcp(&address);
+            match tokio::time::timeout(timeout.max(Duration::from_secs(1)), connecting).await {
+                Ok(result) => result,
+                Err(_) => Err(format!("connecting to {address} timed out")),
+            }
+        }
+        Transport::Rtu(line) => tokio::task::spawn_blocking(move || open_rtu(&line))
+            .await
+            .unwrap_or_else(|e| Err(format!("opening the serial port: {e}"))),
+    }
 }
 
 async fn connect_tcp(address: &str) -> Result<Context, String> {

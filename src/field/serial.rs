@@ -13,6 +13,7 @@ use tracing::{info, warn};
 use super::Publisher;
 use crate::config::{LineFormat, SerialLine, SerialSensor, KEY_PLACEHOLDER};
 use crate::health::{inc, DeviceHealth, DeviceState, RateLimit, SharedHealth};
+use crate::supervisor::Probe;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(200);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
@@ -151,6 +152,7 @@ pub struct Sensor {
     publisher: Publisher,
     health: SharedHealth,
     device: Arc<DeviceHealth>,
+    probe: Probe,
     shutdown: watch::Receiver<bool>,
     drop_log: RateLimit,
 }
@@ -166,9 +168,11 @@ impl Sensor {
         commands: mpsc::Receiver<Bytes>,
         publisher: Publisher,
         health: &SharedHealth,
+        probe: Probe,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
         Sensor {
+            probe,
             device: health.device(format!("serial/{}", config.name)),
             config,
             commands,
@@ -183,7 +187,17 @@ impl Sensor {
     pub async fn run(mut self) {
         let mut failures = 0u32;
         loop {
-            let error = match open(&self.config.line) {
+            // Opening a serial port is a blocking system call.
+            let line = self.config.line.clone();
+            let opened = tokio::task::spawn_blocking(move || open(&line))
+                .await
+                .unwrap_or_else(|e| {
+                    Err(tokio_serial::Error::new(
+                        tokio_serial::ErrorKind::Unknown,
+                        e.to_string(),
+                    ))
+                });
+            let error = match opened {
                 Ok(port) => {
                     failures = 0;
                     if self.device.set_state(DeviceState::Online) {
@@ -206,6 +220,7 @@ impl Sensor {
                 (BACKOFF_MIN * (1u32 << failures.saturating_sub(1).min(8))).min(BACKOFF_MAX);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
+                _ = self.probe.serve() => {}
                 _ = self.shutdown.changed() => return,
             }
         }
@@ -241,6 +256,7 @@ impl Sensor {
                     }
                     inc(&self.device.writes);
                 }
+                _ = self.probe.serve() => {}
                 _ = self.shutdown.changed() => return End::Shutdown,
             }
         }

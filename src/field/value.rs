@@ -43,13 +43,19 @@ impl Reading {
         }
     }
 
-    /// `{"value":25.5,"ts":1732550000000}`.
-    pub fn json(self, unix_ms: u64) -> String {
+    /// `{"value":25.5,"ts":1732550000000}`; with a wall clock that is not trusted yet
+    /// (promise 7) `{"value":25.5,"ts":5000,"clock":"untrusted"}`.
+    pub fn json(self, unix_ms: u64, clock_trusted: bool) -> String {
         let value = match self {
             Reading::Float(x) if !x.is_finite() => format!("\"{}\"", format_float(x)),
             other => other.plain(),
         };
-        format!("{{\"value\":{value},\"ts\":{unix_ms}}}")
+        let clock = if clock_trusted {
+            ""
+        } else {
+            ",\"clock\":\"untrusted\""
+        };
+        format!("{{\"value\":{value},\"ts\":{unix_ms}{clock}}}")
     }
 }
 
@@ -385,12 +391,16 @@ mod tests {
         );
         assert_eq!(scaled(Raw::Bool(true), 2.0, 1.0).plain(), "true");
         assert_eq!(
-            scaled(Raw::Float(21.25), 1.0, 0.0).json(1_700_000_000_000),
+            scaled(Raw::Float(21.25), 1.0, 0.0).json(1_700_000_000_000, true),
             r#"{"value":21.25,"ts":1700000000000}"#
         );
         assert_eq!(
-            scaled(Raw::Float(f64::NAN), 1.0, 0.0).json(5),
+            scaled(Raw::Float(f64::NAN), 1.0, 0.0).json(5, true),
             r#"{"value":"NaN","ts":5}"#
+        );
+        assert_eq!(
+            scaled(Raw::Signed(7), 1.0, 0.0).json(5000, false),
+            r#"{"value":7,"ts":5000,"clock":"untrusted"}"#
         );
     }
 

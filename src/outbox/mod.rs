@@ -116,6 +116,10 @@ enum Command {
         reply: oneshot::Sender<Result<usize, String>>,
     },
     Shutdown(oneshot::Sender<()>),
+    /// New `[queue]` settings from a reload.
+    Reconfigure(QueueConfig),
+    /// A liveness probe: answered from the owner's loop.
+    Ping(oneshot::Sender<()>),
 }
 
 /// The way to the outbox's owner thread. Cheap to clone.
@@ -169,6 +173,18 @@ impl OutboxHandle {
     /// The cloud can never take this message: move it aside so the ones behind it can flow.
     pub async fn dead_letter(&self, id: i64, reason: String) -> Result<(), OutboxError> {
         self.send(Command::DeadLetter { id, reason }).await
+    }
+
+    /// Applies new `[queue]` settings (a reload) from the next command on.
+    pub async fn reconfigure(&self, config: QueueConfig) -> Result<(), OutboxError> {
+        self.send(Command::Reconfigure(config)).await
+    }
+
+    /// Answers once the owner's loop has come round: it is not stuck.
+    pub async fn ping(&self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Ping(reply)).await?;
+        rx.await.map_err(|_| OutboxError::Closed)
     }
 
     /// Puts dead letters back in the queue, after everything in it; returns how many.
@@ -432,6 +448,10 @@ impl Owner {
                     let _ = reply.send(());
                     return;
                 }
+                Ok(Command::Reconfigure(config)) => self.reconfigure(config),
+                Ok(Command::Ping(reply)) => {
+                    let _ = reply.send(());
+                }
                 Err(flume::RecvTimeoutError::Timeout) => self.tick(),
                 Err(flume::RecvTimeoutError::Disconnected) => {
                     self.close();
@@ -530,6 +550,20 @@ impl Owner {
                 );
             }
         }
+    }
+
+    /// New settings apply from now on. A smaller `max_size` applies `when_full` once:
+    /// `drop-oldest` drops the oldest messages until the rest fits (counted in
+    /// `dropped_full`), `reject-new` keeps them and refuses new ones until below it.
+    fn reconfigure(&mut self, config: QueueConfig) {
+        self.config = config;
+        let over = self.total_bytes().saturating_sub(self.config.max_size);
+        if over > 0 && self.config.when_full == WhenFull::DropOldest {
+            let dropped = self.drop_oldest(over);
+            warn!(dropped_oldest = dropped, max_size = self.config.max_size,
+                "queue.max_size lowered below the outbox's content: oldest messages dropped (queue.when_full)");
+        }
+        self.update_gauges(true);
     }
 
     fn total_bytes(&self) -> u64 {

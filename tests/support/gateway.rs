@@ -18,6 +18,7 @@ pub struct GatewayConfig {
     file_size_limit: Option<u64>,
     sections: Vec<(String, Vec<(String, String)>)>,
     tail: Vec<String>,
+    env: Vec<(String, String)>,
 }
 
 impl GatewayConfig {
@@ -72,7 +73,14 @@ impl GatewayConfig {
             file_size_limit: None,
             sections,
             tail,
+            env: Vec::new(),
         }
+    }
+
+    /// An environment variable for the gateway process (`NOTIFY_SOCKET`, ...).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     /// Sets `[section] key = value`, `value` being raw TOML (`"\"64KiB\""`, `100`).
@@ -151,6 +159,7 @@ impl GatewayConfig {
             data_dir: self.data_dir(),
             log_path: self.dir.path().join("gateway.log"),
             config_path,
+            env: self.env,
             _dir: self.dir,
             child: None,
         };
@@ -166,8 +175,18 @@ pub struct Gateway {
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
     log_path: PathBuf,
+    env: Vec<(String, String)>,
     _dir: TempDir,
     child: Option<Child>,
+}
+
+/// How a test changes the config file: as editors and config tools do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edit {
+    /// Written to a temporary file in the same directory and renamed over the config.
+    Rename,
+    /// Truncated and rewritten in place.
+    InPlace,
 }
 
 impl Gateway {
@@ -200,6 +219,7 @@ impl Gateway {
             .arg("--config")
             .arg(&self.config_path)
             .env("RUST_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file handle"))
             .stderr(log)
@@ -269,6 +289,118 @@ impl Gateway {
         self.wait_ready();
     }
 
+    /// The config file as it is now.
+    pub fn config_text(&self) -> String {
+        fs::read_to_string(&self.config_path).expect("reading the gateway config")
+    }
+
+    /// Replaces the config file with `text`, the way `edit` says.
+    pub fn write_config(&self, text: &str, edit: Edit) {
+        match edit {
+            Edit::Rename => {
+                let tmp = self.config_path.with_extension("toml.new");
+                fs::write(&tmp, text).expect("writing the new config");
+                fs::rename(&tmp, &self.config_path).expect("renaming the new config");
+            }
+            Edit::InPlace => fs::write(&self.config_path, text).expect("rewriting the config"),
+        }
+    }
+
+    /// `systemctl reload`: SIGHUP.
+    pub fn sighup(&self) {
+        let child = self.child.as_ref().expect("the gateway is not running");
+        signal(child.id(), libc::SIGHUP);
+    }
+
+    /// The live status document from the gateway's status socket, if it answers.
+    pub fn live_status(&self) -> Option<Value> {
+        use std::io::Read;
+        let mut stream =
+            std::os::unix::net::UnixStream::connect(self.data_dir.join("status.sock")).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// The config generation the running gateway reports (1 at start).
+    pub fn generation(&self) -> u64 {
+        self.live_status()
+            .and_then(|s| s["config"]["generation"].as_u64())
+            .unwrap_or(0)
+    }
+
+    /// Waits until the live status satisfies `pred`; panics with the log if it does not.
+    pub async fn wait_live(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        self.wait_doc("live status", || self.live_status(), timeout, what, pred)
+            .await
+    }
+
+    /// Polls `read` until its document satisfies `pred`; panics with the last document
+    /// and the log if it does not within `timeout`.
+    async fn wait_doc(
+        &self,
+        source: &str,
+        read: impl Fn() -> Option<Value>,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = read();
+            if let Some(status) = status.as_ref().filter(|s| pred(s)) {
+                return status.clone();
+            }
+            if Instant::now() >= deadline {
+                panic!(
+                    "{source}: not {what} within {timeout:?}; last: {}\n\
+                     --- gateway log ---\n{}",
+                    status.map_or("none".to_string(), |s| s.to_string()),
+                    tail(&self.log_path, 60)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until the live status says the telemetry link is not up (after a cut).
+    pub async fn wait_telemetry_down(&self) -> Value {
+        self.wait_live(Duration::from_secs(10), "telemetry link down", |s| {
+            s["cloud"]["telemetry"] != "up"
+        })
+        .await
+    }
+
+    /// `bridgehead status --config FILE [--json]`: exit code and standard output.
+    pub fn status_command(&self, json: bool) -> (i32, String) {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_bridgehead"));
+        command.arg("status").arg("--config").arg(&self.config_path);
+        if json {
+            command.arg("--json");
+        }
+        let output = command.output().expect("running bridgehead status");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+        )
+    }
+
+    /// Waits (up to `timeout`) for the process to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut().expect("the gateway is not running");
+        let status = wait_child(child, timeout);
+        if status.is_some() {
+            self.child = None;
+        }
+        status
+    }
+
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
@@ -315,22 +447,8 @@ impl Gateway {
         what: &str,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let status = self.status();
-            if let Some(status) = status.as_ref().filter(|s| pred(s)) {
-                return status.clone();
-            }
-            if Instant::now() >= deadline {
-                panic!(
-                    "gateway status: not {what} within {timeout:?}; last status.json: {}\n\
-                     --- gateway log ---\n{}",
-                    status.map_or("none".to_string(), |s| s.to_string()),
-                    tail(&self.log_path, 60)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        self.wait_doc("gateway status.json", || self.status(), timeout, what, pred)
+            .await
     }
 
     /// Waits until both cloud links report `up`.

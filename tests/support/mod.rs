@@ -15,7 +15,7 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 pub use field::{latest, Endpoint, Executed, ModbusServer, PtyPair, Sensor};
-pub use gateway::{counter, Gateway, GatewayConfig};
+pub use gateway::{counter, Edit, Gateway, GatewayConfig};
 pub use mosquitto::{write_unrelated_ca, Mosquitto};
 pub use mqtt::{
     publish_all, publish_many, publish_paced, publish_retained, retained, seq_payload,
@@ -86,7 +86,7 @@ fn wait_child(
 }
 
 /// Whether something accepts TCP connections on 127.0.0.1:`port`.
-fn accepts(port: u16) -> bool {
+pub fn accepts(port: u16) -> bool {
     std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200))
         .is_ok()
 }

@@ -288,6 +288,19 @@ impl LocalSubscriber {
         out
     }
 
+    /// True while the connection has not been closed (messages that came meanwhile are
+    /// kept for `recv`).
+    pub fn still_connected(&mut self) -> bool {
+        while let Ok(note) = self.notes.try_recv() {
+            match note {
+                Note::Closed(_) => return false,
+                Note::Message(m) => self.early.push_back(m),
+                _ => {}
+            }
+        }
+        !self.task.is_finished()
+    }
+
     /// A clean MQTT DISCONNECT (a persistent session stays on the broker).
     pub async fn disconnect(mut self) {
         let _ = self.client.disconnect().await;
