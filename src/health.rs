@@ -527,6 +527,33 @@ impl RateLimit {
     }
 }
 
+/// Where `status.json` is written. Under systemd, in the runtime directory (tmpfs): it is
+/// rewritten every `metrics_interval`, and an idle gateway must not wear the SD card. A
+/// symlink `DATA_DIR/status.json` points there, so `bridgehead status` finds it the same
+/// way as when the gateway runs by hand (then the file is in the data directory itself).
+pub fn status_file(
+    data_dir: &std::path::Path,
+    runtime: Option<&std::ffi::OsStr>,
+) -> std::path::PathBuf {
+    let in_data_dir = data_dir.join("status.json");
+    let Some(runtime) = runtime
+        .and_then(|dirs| dirs.to_str())
+        .and_then(|dirs| dirs.split(':').next())
+        .filter(|first| !first.is_empty())
+    else {
+        return in_data_dir;
+    };
+    let target = std::path::Path::new(runtime).join("status.json");
+    if std::fs::read_link(&in_data_dir).ok().as_deref() != Some(target.as_path()) {
+        let _ = std::fs::remove_file(&in_data_dir);
+        if let Err(e) = std::os::unix::fs::symlink(&target, &in_data_dir) {
+            tracing::warn!(link = %in_data_dir.display(), error = %e,
+                "cannot link the status file into the data directory; `bridgehead status` will not find it when the gateway is not running");
+        }
+    }
+    target
+}
+
 /// What the reporter takes from the config; a reload may change any of it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReporterSettings {
@@ -747,5 +774,24 @@ mod tests {
             text.contains("device     modbus/plc failing dropped=0 errors=0 exceptions=0 overruns=0 readings=0 timeouts=1 transactions=0 write_errors=0 writes=0\n"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn under_systemd_the_status_file_is_on_the_runtime_directory_linked_from_the_data_dir() {
+        let data = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        assert_eq!(
+            status_file(data.path(), None),
+            data.path().join("status.json")
+        );
+        let file = status_file(data.path(), Some(run.path().as_os_str()));
+        assert_eq!(file, run.path().join("status.json"));
+        std::fs::write(&file, "{}").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(data.path().join("status.json")).unwrap(),
+            "{}"
+        );
+        // Idempotent across reloads.
+        assert_eq!(status_file(data.path(), Some(run.path().as_os_str())), file);
     }
 }

@@ -188,7 +188,10 @@ pub fn limits(config: &Config) -> Limits {
 pub fn reporter_settings(config: &Config) -> ReporterSettings {
     ReporterSettings {
         gateway_id: config.gateway.id.clone(),
-        status_file: config.gateway.data_dir.join("status.json"),
+        status_file: crate::health::status_file(
+            &config.gateway.data_dir,
+            std::env::var_os("RUNTIME_DIRECTORY").as_deref(),
+        ),
         metrics_topic: config.gateway.metrics_topic.clone(),
         every: config.gateway.metrics_interval,
     }
