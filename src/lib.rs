@@ -146,6 +146,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
                     listener,
                     health.clone(),
                     rx.reporter.clone(),
+                    outbox.clone(),
                     liveness.probe("status socket"),
                     shutdown.clone(),
                 ),

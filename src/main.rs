@@ -1,4 +1,4 @@
-//! The command line: `run`, `check`, `status`.
+//! The command line: `run`, `check`, `status`, `dead-letters`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -40,6 +40,37 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Look at, resend or delete the messages the cloud could never take (too large for
+    /// cloud.max_packet_size, or the cloud hung up on them).
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Print id, topic, size and reason of each dead letter, oldest first.
+    List {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead letters back in the queue (after everything in it): `all`, or ids.
+    Replay {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(required = true, value_name = "all|ID")]
+        which: Vec<String>,
+    },
+    /// Delete dead letters for good: `all`, or ids.
+    Purge {
+        #[arg(long, short, value_name = "FILE")]
+        config: PathBuf,
+        #[arg(required = true, value_name = "all|ID")]
+        which: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -57,6 +88,7 @@ fn main() -> ExitCode {
         },
         Command::Run { config } => run(&config),
         Command::Status { config, json } => status(&config, json),
+        Command::DeadLetters { action } => dead_letters(action),
     }
 }
 
@@ -163,12 +195,18 @@ fn status(path: &Path, json: bool) -> ExitCode {
 
 /// The status document of this moment from the running gateway's socket, if it answers.
 fn ask_running(data_dir: &Path) -> Option<serde_json::Value> {
-    use std::io::Read;
+    ask(data_dir, "status", 3)
+}
+
+/// One request on the running gateway's socket; None when nothing answers.
+fn ask(data_dir: &Path, request: &str, timeout_s: u64) -> Option<serde_json::Value> {
+    use std::io::{Read, Write};
     let path = bridgehead::status_socket::path(data_dir);
     let mut stream = std::os::unix::net::UnixStream::connect(path).ok()?;
     stream
-        .set_read_timeout(Some(std::time::Duration::from_secs(3)))
+        .set_read_timeout(Some(std::time::Duration::from_secs(timeout_s)))
         .ok()?;
+    stream.write_all(format!("{request}\n").as_bytes()).ok()?;
     let mut text = String::new();
     stream.read_to_string(&mut text).ok()?;
     serde_json::from_str(&text).ok()
@@ -179,5 +217,82 @@ fn print_status(doc: &serde_json::Value, json: bool) {
         println!("{doc}");
     } else {
         print!("{}", bridgehead::health::render_status(doc));
+    }
+}
+
+fn dead_letters(action: DeadLetterAction) -> ExitCode {
+    use bridgehead::outbox::dead_letters as dl;
+    let (config, which) = match &action {
+        DeadLetterAction::List { config, .. } => (config, None),
+        DeadLetterAction::Replay { config, which } | DeadLetterAction::Purge { config, which } => {
+            let words: Vec<&str> = which.iter().map(String::as_str).collect();
+            match bridgehead::status_socket::parse_selection(&words) {
+                Ok(selection) => (config, Some(selection)),
+                Err(e) => {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    };
+    let data_dir = bridgehead::config::data_dir_of(config);
+    let db = data_dir.join("outbox.db");
+    if !db.exists() {
+        eprintln!("no outbox at {} (is data_dir right?)", db.display());
+        return ExitCode::FAILURE;
+    }
+    let result = match (action, which) {
+        (DeadLetterAction::List { json, .. }, _) => dl::list(&db).map(|letters| {
+            if json {
+                println!("{}", serde_json::to_string(&letters).unwrap_or_default());
+            } else if letters.is_empty() {
+                println!("no dead letters");
+            } else {
+                for d in letters {
+                    println!(
+                        "{:>8}  {}  {} bytes  QoS {}  {}",
+                        d.id, d.topic, d.bytes, d.qos, d.reason
+                    );
+                }
+            }
+        }),
+        (DeadLetterAction::Purge { .. }, Some(which)) => {
+            dl::purge(&db, &which).map(|n| println!("{n} dead letters deleted"))
+        }
+        (DeadLetterAction::Replay { which: words, .. }, Some(which)) => {
+            // The running gateway's outbox must do it (it keeps the queue in memory too);
+            // with the gateway stopped the file is edited here.
+            let request = format!("replay {}", words.join(" "));
+            let running =
+                std::os::unix::net::UnixStream::connect(bridgehead::status_socket::path(&data_dir))
+                    .is_ok();
+            match ask(&data_dir, &request, 30) {
+                None if running => {
+                    eprintln!("the running gateway did not answer; nothing was replayed");
+                    return ExitCode::FAILURE;
+                }
+                Some(reply) => match reply.get("replayed") {
+                    Some(n) => {
+                        println!("{n} dead letters put back in the queue of the running gateway");
+                        Ok(())
+                    }
+                    None => {
+                        eprintln!("the gateway refused: {}", reply["error"]);
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => dl::replay_offline(&db, &which).map(|n| {
+                    println!("{n} dead letters put back in the queue; they are sent when the gateway starts")
+                }),
+            }
+        }
+        (_, None) => Ok(()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{}: {e}", db.display());
+            ExitCode::FAILURE
+        }
     }
 }

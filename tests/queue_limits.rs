@@ -352,3 +352,62 @@ async fn a_full_disk_during_an_outage_refuses_new_messages_keeps_the_rest_and_re
 async fn site_publish(port: u16, messages: &[(String, Vec<u8>)]) {
     publish_all(port, "sensor", QoS::AtLeastOnce, messages.to_vec()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_lists_purges_and_replays_dead_letters_once_the_cloud_takes_them() {
+    let _serial = support::serial().await;
+    let site = Site::offline(|c| c.set_str("cloud", "max_packet_size", "1KiB")).await;
+    let topic = "warehouse/line/scanner";
+    let mut sent = rows(topic, 0..3, 100);
+    sent.push((topic.to_string(), payload(3, 4096)));
+    sent.push((topic.to_string(), payload(4, 3000)));
+    sent.extend(rows(topic, 5..8, 100));
+    site.publish(&sent).await;
+    site.wait_received(8).await;
+    site.drain(6).await;
+
+    let (code, listed, _) = site.gateway.cli(&["dead-letters", "list"]);
+    assert_eq!(code, 0);
+    let lines: Vec<&str> = listed.lines().collect();
+    assert_eq!(lines.len(), 2, "{listed}");
+    assert!(
+        lines[0].contains("fleet/gw-test/warehouse/line/scanner  4096 bytes"),
+        "{listed}"
+    );
+    assert!(lines[0].contains("over cloud.max_packet_size"), "{listed}");
+    let first_id = lines[0].split_whitespace().next().expect("an id");
+
+    // The 4096-byte one is not wanted any more; the cloud's limit is raised for the other.
+    let (code, out, err) = site.gateway.cli(&["dead-letters", "purge", first_id]);
+    assert_eq!((code, out.trim()), (0, "1 dead letters deleted"), "{err}");
+    let raised = site
+        .gateway
+        .config_text()
+        .replace("max_packet_size = \"1KiB\"", "max_packet_size = \"8KiB\"");
+    site.gateway.write_config(&raised, support::Edit::Rename);
+    site.gateway
+        .wait_live(Duration::from_secs(10), "running the raised limit", |s| {
+            s["config"]["generation"] == 2 && s["cloud"]["telemetry"] == "up"
+        })
+        .await;
+    let (code, out, err) = site.gateway.cli(&["dead-letters", "replay", "all"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 dead letters put back"), "{out}");
+
+    assert!(
+        site.collector
+            .wait_for_count(7, Duration::from_secs(20))
+            .await
+    );
+    let mut expected_now: Vec<_> = sent
+        .iter()
+        .filter(|(_, p)| p.len() == 100)
+        .cloned()
+        .collect();
+    expected_now.push(sent[4].clone());
+    site.collector
+        .deliveries()
+        .assert_exactly(&expected(&expected_now));
+    let (_, listed, _) = site.gateway.cli(&["dead-letters", "list"]);
+    assert_eq!(listed.trim(), "no dead letters");
+}

@@ -314,10 +314,11 @@ impl Gateway {
 
     /// The live status document from the gateway's status socket, if it answers.
     pub fn live_status(&self) -> Option<Value> {
-        use std::io::Read;
+        use std::io::{Read, Write};
         let mut stream =
             std::os::unix::net::UnixStream::connect(self.data_dir.join("status.sock")).ok()?;
         stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        stream.write_all(b"status\n").ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).ok()?;
         serde_json::from_str(&text).ok()
@@ -375,6 +376,21 @@ impl Gateway {
             s["cloud"]["telemetry"] != "up"
         })
         .await
+    }
+
+    /// `bridgehead ARGS... --config FILE`: exit code, standard output and standard error.
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let output = Command::new(env!("CARGO_BIN_EXE_bridgehead"))
+            .args(args)
+            .arg("--config")
+            .arg(&self.config_path)
+            .output()
+            .expect("running the bridgehead command line");
+        (
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     /// `bridgehead status --config FILE [--json]`: exit code and standard output.
