@@ -95,6 +95,14 @@ impl GatewayConfig {
         self.set(section, key, &quoted)
     }
 
+    /// Removes `[section] key`, so the gateway runs on its own default for it.
+    pub fn unset(mut self, section: &str, key: &str) -> Self {
+        if let Some((_, keys)) = self.sections.iter_mut().find(|(s, _)| s == section) {
+            keys.retain(|(k, _)| k != key);
+        }
+        self
+    }
+
     /// Drops the default `[[downlink]]` rule: no command connection.
     pub fn without_downlink(mut self) -> Self {
         self.tail.retain(|t| !t.starts_with("[[downlink]]"));
@@ -203,6 +211,11 @@ impl Gateway {
         self.child
             .as_mut()
             .and_then(|child| child.try_wait().expect("polling the gateway process"))
+    }
+
+    /// The process id while the gateway runs (for /proc measurements).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn is_running(&mut self) -> bool {
