@@ -78,14 +78,22 @@ macro_rules! counters {
 counters! {
     /// Local messages matched by an uplink rule and handed to the outbox.
     received,
-    /// Messages committed to the outbox.
+    /// Messages the outbox accepted (held in memory, and written to disk unless the cloud
+    /// acknowledged them within `queue.commit_interval`).
     enqueued,
+    /// Messages written to disk: the cloud had not acknowledged them within
+    /// `queue.commit_interval` (the link down, the window full, a slow cloud), or memory
+    /// held more than `queue.commit_batch`, or the gateway was shutting down.
+    persisted,
     /// Messages acknowledged by the cloud (QoS 1) or written to it (QoS 0).
     forwarded,
     /// Oldest rows dropped because the outbox was full (`when_full = "drop-oldest"`).
     dropped_full,
     /// New messages refused because the outbox was full (`when_full = "reject-new"`).
     rejected_full,
+    /// New messages refused because the outbox could not write to disk (disk full, I/O
+    /// errors) and its memory was full.
+    rejected_storage,
     /// Rows removed because they were older than `queue.max_age`.
     expired,
     /// Rows the cloud can never accept, moved to the dead-letter table.
@@ -127,11 +135,14 @@ counters! {
     serial_lines_dropped,
 }
 
-/// Current fill of the outbox, kept up to date by its writer.
+/// Current fill of the outbox, kept up to date by its owner.
 #[derive(Debug, Default)]
 pub struct QueueGauges {
+    /// Messages in the outbox, in memory and on disk.
     pub rows: AtomicU64,
     pub bytes: AtomicU64,
+    /// Of `rows`, those on disk.
+    pub disk_rows: AtomicU64,
     /// Gateway-clock ms of the oldest row, or u64::MAX when empty.
     pub oldest_ts: AtomicU64,
     /// Gateway-clock ms "now", as last seen by the writer.
@@ -315,6 +326,7 @@ pub struct CloudStatus {
 pub struct QueueStatus {
     pub rows: u64,
     pub bytes: u64,
+    pub on_disk: u64,
     pub oldest_age_ms: Option<u64>,
 }
 
@@ -333,6 +345,7 @@ impl Health {
             queue: QueueStatus {
                 rows: self.queue.rows.load(Ordering::Relaxed),
                 bytes: self.queue.bytes.load(Ordering::Relaxed),
+                on_disk: self.queue.disk_rows.load(Ordering::Relaxed),
                 oldest_age_ms: (oldest != u64::MAX).then(|| now.saturating_sub(oldest)),
             },
             counters: self.counters.snapshot(),
@@ -457,7 +470,7 @@ pub fn render_status(doc: &serde_json::Value) -> String {
     let mut out = format!(
         "gateway    {} (bridgehead {}), up {}s\n\
          cloud      telemetry {}, commands {}\n\
-         outbox     {} rows, {} bytes, oldest {} ms\n\
+         outbox     {} rows ({} on disk), {} bytes, oldest {} ms\n\
          counters  ",
         field("/gateway_id"),
         field("/version"),
@@ -465,6 +478,7 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         field("/cloud/telemetry"),
         field("/cloud/commands"),
         field("/queue/rows"),
+        field("/queue/on_disk"),
         field("/queue/bytes"),
         field("/queue/oldest_age_ms"),
     );

@@ -90,6 +90,7 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
             filter: r.topic.clone(),
             remote_prefix: r.remote_prefix.clone(),
             qos: r.qos as u8,
+            lane: r.drain,
         })
         .collect();
     let intake = tokio::spawn(broker::run_intake(
@@ -163,11 +164,13 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
     };
     let _ = shutdown_tx.send(true);
     let finished = tokio::time::timeout(SHUTDOWN_BUDGET, async {
+        // The intake hands over what the broker already accepted, the uplink reports what
+        // the cloud acknowledged, then the outbox writes what is left.
         let _ = intake.await;
+        let _ = uplink.await;
         if let Err(e) = outbox.shutdown().await {
             warn!(error = %e, "closing the outbox");
         }
-        let _ = uplink.await;
         if let (None, Some(task)) = (&fatal, downlink) {
             let _ = task.await;
         }

@@ -1,25 +1,29 @@
-//! The telemetry connection: sends what the outbox holds, in order, and deletes a row only
-//! when the cloud has acknowledged it (QoS 1) or it was written (QoS 0).
+//! The telemetry connection: sends what the outbox holds, in order, and tells the outbox
+//! when the cloud has a message (acknowledged at QoS 1, written at QoS 0).
 //!
 //! rumqttc's own session state is not trusted (it drops or replays pending publishes on its
-//! own terms, see design.md): every connection gets a fresh client and event loop, and after
-//! each CONNACK the uplink resends from the oldest row still in the outbox. The outbox is the
-//! only source of resends, so duplicates stay within the in-flight window.
+//! own terms, see design.md): every connection gets a fresh client and event loop and a new
+//! outbox session, which starts over from the oldest message the outbox still holds. The
+//! outbox is the only source of resends, so duplicates stay within the in-flight window.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use crate::cloud::{error_chain, CloudLink};
 use crate::health::{add, LinkState, SharedHealth};
-use crate::outbox::{OutboxHandle, Row};
+use crate::outbox::{Delivered, OutboxHandle, Row};
 
-/// Rows (and bytes of topic plus payload) read from the outbox ahead of the window.
+/// Messages (and bytes of topic plus payload) fetched from the outbox ahead of the window.
 const PREFETCH: usize = 2048;
 const PREFETCH_BYTES: usize = 8 << 20;
+/// Deliveries are reported to the outbox in batches of this many, or after
+/// `DELIVERED_EVERY`: either is far inside `queue.commit_interval`.
+const DELIVERED_BATCH: usize = 256;
+const DELIVERED_EVERY: Duration = Duration::from_millis(5);
 /// How long a clean shutdown waits for the cloud to acknowledge `offline`.
 const OFFLINE_ACK_WAIT: Duration = Duration::from_millis(1500);
 
@@ -33,7 +37,14 @@ pub struct Uplink {
 /// What a request sent to rumqttc stands for, in request order.
 #[derive(Debug, Clone, Copy)]
 enum Sent {
-    Row { id: i64, qos: u8 },
+    Row(Delivered, u8),
+    Status,
+}
+
+/// What a packet in flight stands for.
+#[derive(Debug, Clone, Copy)]
+enum InFlight {
+    Row(Delivered),
     Status,
 }
 
@@ -43,31 +54,45 @@ enum End {
         error: String,
         /// The link had been up long enough to count as working (backoff starts over).
         was_up: bool,
-        /// Whether any row was acknowledged in this connection.
+        /// Whether any message was acknowledged in this connection.
         progressed: bool,
-        /// The oldest row in flight when the connection was lost.
+        /// The oldest message in flight when the connection was lost.
         head: Option<i64>,
+        /// Evidence against one message: sent alone on a connection that had just
+        /// proven itself (the status message acknowledged), and the connection was lost
+        /// right after, before its acknowledgement.
+        alone: Option<i64>,
     },
 }
 
 /// A connection that lasted this long was a working link; a shorter one was a flap, and
 /// the backoff keeps growing (a cloud that drops us right after CONNACK is not hammered).
 const STABLE_AFTER: Duration = Duration::from_secs(10);
-/// After this many lost connections in a row with the same oldest row in flight and nothing
-/// acknowledged, the cloud is taken to refuse one of the rows in flight (it hangs up on a
-/// size or topic it will not take), and the uplink sends one row at a time to find it.
+/// After this many lost connections in a row with the same oldest message in flight and
+/// nothing acknowledged, the uplink sends one message at a time to find out whether the
+/// cloud refuses one of them (it hangs up on a size or topic it will not take).
 const POISON_LOSSES: u32 = 5;
-/// Rows acknowledged one at a time after which the link is trusted with the full window.
+/// Connections lost right after the same message was sent alone, in a row, before that
+/// message is taken for one the cloud refuses and dead-lettered.
+const STRIKES: u32 = 3;
+/// "Right after": within this many round trips of the status message on the same
+/// connection (at least `STRIKE_MIN`). A cloud refusing a packet closes at once; a link
+/// that flaps or a cloud that is merely slow does not land in so narrow a window every time.
+const STRIKE_RTTS: u32 = 4;
+const STRIKE_MIN: Duration = Duration::from_millis(200);
+/// Messages acknowledged one at a time after which the link is trusted with the full window.
 const PROBE_CLEAR: u64 = 32;
 
-/// Finding the row the cloud refuses. With the full window the culprit may be any row in
-/// flight (the broker's reset also discards the PUBACKs of the rows before it), so after
-/// repeated losses rows go one at a time: a row that loses the connection twice alone is
-/// dead-lettered, and the rows behind it flow.
+/// Finding a message the cloud refuses, without ever dead-lettering a good one. With the
+/// full window the culprit may be any message in flight, so after repeated losses with
+/// nothing acknowledged messages go one at a time; a message is dead-lettered only after
+/// it was alone in flight on `STRIKES` connections in a row that each worked until it was
+/// sent and closed right after. Losses for any other reason are link trouble.
 #[derive(Debug, Default)]
 struct Poison {
     suspect: Option<(i64, u32)>,
     probing: bool,
+    strikes: Option<(i64, u32)>,
 }
 
 impl Poison {
@@ -79,31 +104,47 @@ impl Poison {
         }
     }
 
-    /// Called after a lost connection; returns the row to dead-letter, if any.
-    fn after_loss(&mut self, head: Option<i64>, progressed: bool) -> Option<i64> {
+    /// Called after a lost connection; returns the message to dead-letter, if any.
+    fn after_loss(
+        &mut self,
+        head: Option<i64>,
+        progressed: bool,
+        alone: Option<i64>,
+    ) -> Option<i64> {
+        if self.probing {
+            if let Some(row) = alone {
+                let strikes = match self.strikes {
+                    Some((id, n)) if id == row => n + 1,
+                    _ => 1,
+                };
+                self.strikes = Some((row, strikes));
+                if strikes >= STRIKES {
+                    self.clear();
+                    return Some(row);
+                }
+            }
+            return None;
+        }
         self.suspect = match (head, self.suspect) {
             (Some(head), Some((row, losses))) if head == row && !progressed => {
                 Some((row, losses + 1))
             }
-            (Some(head), _) => Some((head, 1)),
-            (None, _) => None,
+            (Some(head), _) if !progressed => Some((head, 1)),
+            _ => None,
         };
-        let (row, losses) = self.suspect?;
-        if self.probing && losses >= 2 {
-            self.clear();
-            return Some(row);
-        }
-        if !self.probing && losses >= POISON_LOSSES {
-            warn!(losses, "the cloud keeps closing the connection with nothing acknowledged; sending one message at a time to find the one it refuses");
-            self.probing = true;
-            self.suspect = None;
+        if let Some((_, losses)) = self.suspect {
+            if losses >= POISON_LOSSES {
+                warn!(losses, "the cloud keeps closing the connection with nothing acknowledged; sending one message at a time to find out whether it refuses one");
+                self.probing = true;
+                self.suspect = None;
+                self.strikes = None;
+            }
         }
         None
     }
 
     fn clear(&mut self) {
-        self.probing = false;
-        self.suspect = None;
+        *self = Poison::default();
     }
 }
 
@@ -111,7 +152,9 @@ impl Uplink {
     pub async fn run(mut self) {
         let mut reconnect = self.cloud.reconnect();
         let mut poison = Poison::default();
+        let mut session = 0u64;
         loop {
+            session += 1;
             self.health.telemetry.set(LinkState::Connecting);
             let (client, eventloop) = self.connect();
             let End::Lost {
@@ -119,15 +162,13 @@ impl Uplink {
                 was_up,
                 progressed,
                 head,
-            } = self.session(client, eventloop, &mut poison).await
+                alone,
+            } = self.session(client, eventloop, &mut poison, session).await
             else {
                 return;
             };
-            if let Some(row) = poison.after_loss(head, progressed) {
-                let reason = format!(
-                    "the cloud closed the connection each time this message was sent alone ({error})"
-                );
-                if self.outbox.dead_letter(row, reason).await.is_err() {
+            if let Some(row) = poison.after_loss(head, progressed, alone) {
+                if self.dead_letter_by_id(row, &error).await.is_err() {
                     return;
                 }
             }
@@ -146,6 +187,13 @@ impl Uplink {
                 return;
             }
         }
+    }
+
+    async fn dead_letter_by_id(&self, id: i64, error: &str) -> Result<(), ()> {
+        let reason = format!(
+            "the cloud closed the connection each time this message was sent alone ({error})"
+        );
+        self.outbox.dead_letter(id, reason).await.map_err(|_| ())
     }
 
     fn connect(&self) -> (AsyncClient, EventLoop) {
@@ -167,6 +215,7 @@ impl Uplink {
         client: AsyncClient,
         mut eventloop: EventLoop,
         poison: &mut Poison,
+        session: u64,
     ) -> End {
         let c = self.cloud.config.clone();
         loop {
@@ -188,6 +237,7 @@ impl Uplink {
                         was_up: false,
                         progressed: false,
                         head: None,
+                        alone: None,
                     };
                 }
                 Ok(_) => {}
@@ -197,12 +247,12 @@ impl Uplink {
                         was_up: false,
                         progressed: false,
                         head: None,
+                        alone: None,
                     }
                 }
             }
         }
         self.health.telemetry.set(LinkState::Up);
-        let up_at = Instant::now();
         let mut window = Window::new(poison.window(c.max_inflight as usize));
         if client
             .publish(&c.status_topic, QoS::AtLeastOnce, true, "online")
@@ -211,22 +261,17 @@ impl Uplink {
         {
             window.sent.push_back(Sent::Status);
         }
-        let mut committed = self.outbox.committed();
         let mut buffer: VecDeque<Row> = VecDeque::new();
-        let mut fetched_up_to = 0i64;
+        let mut fetch: Option<oneshot::Receiver<Vec<Row>>> = None;
+        let mut delivered = Deliveries::default();
         loop {
-            if buffer.len() < PREFETCH / 2 && *committed.borrow_and_update() > fetched_up_to {
+            if fetch.is_none() && buffer.len() < PREFETCH / 2 {
                 match self
                     .outbox
-                    .fetch(fetched_up_to, PREFETCH - buffer.len(), PREFETCH_BYTES)
+                    .fetch(session, PREFETCH - buffer.len(), PREFETCH_BYTES)
                     .await
                 {
-                    Ok(fetched) => {
-                        // Empty: everything up to what was committed when the outbox read
-                        // is sent or gone (not what is committed now: that may be newer).
-                        fetched_up_to = fetched.rows.last().map_or(fetched.upto, |last| last.id);
-                        buffer.extend(fetched.rows);
-                    }
+                    Ok(rx) => fetch = Some(rx),
                     Err(_) => return End::Shutdown,
                 }
             }
@@ -248,78 +293,81 @@ impl Uplink {
                 } else {
                     QoS::AtLeastOnce
                 };
+                let sent = Sent::Row(
+                    Delivered {
+                        id: row.id,
+                        size: row.size,
+                    },
+                    row.qos,
+                );
                 if client
                     .publish_bytes(row.topic, qos, false, row.payload)
                     .await
                     .is_err()
                 {
-                    return window.lost("telemetry client closed".into(), up_at);
+                    return self
+                        .lost(
+                            &mut window,
+                            &mut delivered,
+                            "telemetry client closed".into(),
+                        )
+                        .await;
                 }
-                window.sent.push_back(Sent::Row {
-                    id: row.id,
-                    qos: row.qos,
-                });
+                window.sent.push_back(sent);
             }
-            let want_rows = buffer.is_empty() && window.has_room();
+            if delivered.list.len() >= DELIVERED_BATCH && self.report(&mut delivered).await.is_err()
+            {
+                return End::Shutdown;
+            }
             tokio::select! {
                 event = eventloop.poll() => match event {
                     Ok(event) => {
-                        if self.on_event(event, &mut window).await.is_err() {
-                            return End::Shutdown;
-                        }
+                        window.on_event(event, &mut delivered);
                         if poison.probing && window.acked_rows >= PROBE_CLEAR {
                             info!("the cloud takes messages again; back to the full in-flight window");
                             poison.clear();
                             window.size = c.max_inflight as usize;
                         }
                     }
-                    Err(e) => return window.lost(error_chain(&e), up_at),
+                    Err(e) => return self.lost(&mut window, &mut delivered, error_chain(&e)).await,
                 },
-                changed = committed.changed(), if want_rows => {
-                    if changed.is_err() {
+                rows = async { fetch.as_mut().expect("guarded by is_some").await }, if fetch.is_some() => {
+                    fetch = None;
+                    // An error: the outbox replaced this request or is stopping; the next
+                    // turn asks again (and finds out which).
+                    if let Ok(rows) = rows {
+                        buffer.extend(rows);
+                    }
+                }
+                _ = tokio::time::sleep_until(delivered.due()), if !delivered.list.is_empty() => {
+                    if self.report(&mut delivered).await.is_err() {
                         return End::Shutdown;
                     }
                 }
                 _ = self.shutdown.changed() => {
-                    self.go_offline(&client, &mut eventloop, &mut window).await;
+                    self.go_offline(&client, &mut eventloop, &mut window, &mut delivered).await;
+                    let _ = self.report(&mut delivered).await;
                     return End::Shutdown;
                 }
             }
         }
     }
 
-    async fn on_event(&self, event: Event, window: &mut Window) -> Result<(), ()> {
-        match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) => match window.sent.pop_front() {
-                Some(Sent::Row { id, qos: 0 }) => {
-                    window.acked_rows += 1;
-                    self.acked(id).await?
-                }
-                Some(Sent::Row { id, .. }) => {
-                    window.inflight.insert(pkid, Some(id));
-                }
-                Some(Sent::Status) => {
-                    window.inflight.insert(pkid, None);
-                }
-                None => error!(
-                    pkid,
-                    "cloud client sent a publish the uplink did not ask for"
-                ),
-            },
-            Event::Incoming(Packet::PubAck(ack)) => {
-                if let Some(Some(id)) = window.inflight.remove(&ack.pkid) {
-                    window.acked_rows += 1;
-                    self.acked(id).await?;
-                }
-            }
-            _ => {}
+    /// Tells the outbox what the cloud has.
+    async fn report(&self, delivered: &mut Deliveries) -> Result<(), ()> {
+        if delivered.list.is_empty() {
+            return Ok(());
         }
-        Ok(())
+        let list = std::mem::take(&mut delivered.list);
+        add(&self.health.counters.forwarded, list.len() as u64);
+        self.outbox.delivered(list).await.map_err(|_| ())
     }
 
-    async fn acked(&self, id: i64) -> Result<(), ()> {
-        add(&self.health.counters.forwarded, 1);
-        self.outbox.ack(id).await.map_err(|_| ())
+    async fn lost(&self, window: &mut Window, delivered: &mut Deliveries, error: String) -> End {
+        if self.report(delivered).await.is_err() {
+            return End::Shutdown;
+        }
+        window.lost(error)
     }
 
     /// Publishes `offline` (retained) and disconnects, waiting a bounded time for the acks.
@@ -328,6 +376,7 @@ impl Uplink {
         client: &AsyncClient,
         eventloop: &mut EventLoop,
         window: &mut Window,
+        delivered: &mut Deliveries,
     ) {
         let c = &self.cloud.config;
         if client
@@ -342,23 +391,17 @@ impl Uplink {
         while let Ok(event) = tokio::time::timeout_at(deadline, eventloop.poll()).await {
             match event {
                 Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
-                    if let Some(Sent::Status) = window.sent.back() {
-                        if window.sent.len() == 1 {
-                            offline_pkid = Some(pkid);
-                        }
+                    if let (Some(Sent::Status), 1) = (window.sent.back(), window.sent.len()) {
+                        offline_pkid = Some(pkid);
                     }
-                    let _ = self
-                        .on_event(Event::Outgoing(Outgoing::Publish(pkid)), window)
-                        .await;
+                    window.on_event(Event::Outgoing(Outgoing::Publish(pkid)), delivered);
                 }
                 Ok(Event::Incoming(Packet::PubAck(ack))) if Some(ack.pkid) == offline_pkid => {
                     info!("published offline status; disconnecting from the cloud");
                     let _ = client.try_disconnect();
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
-                Ok(event) => {
-                    let _ = self.on_event(event, window).await;
-                }
+                Ok(event) => window.on_event(event, delivered),
                 Err(_) => break,
             }
         }
@@ -368,23 +411,53 @@ impl Uplink {
     }
 }
 
+/// Deliveries not yet reported to the outbox, and since when the oldest waits.
+#[derive(Default)]
+struct Deliveries {
+    list: Vec<Delivered>,
+    since: Option<tokio::time::Instant>,
+}
+
+impl Deliveries {
+    fn push(&mut self, d: Delivered) {
+        if self.list.is_empty() {
+            self.since = Some(tokio::time::Instant::now());
+        }
+        self.list.push(d);
+    }
+
+    fn due(&self) -> tokio::time::Instant {
+        self.since.unwrap_or_else(tokio::time::Instant::now) + DELIVERED_EVERY
+    }
+}
+
 /// The in-flight window: requests not yet turned into packets, and packets not yet acked.
 struct Window {
     size: usize,
-    /// Rows acknowledged (or written, QoS 0) in this connection.
+    opened: Instant,
+    /// Messages acknowledged (or written, QoS 0) in this connection.
     acked_rows: u64,
     sent: VecDeque<Sent>,
-    /// pkid -> outbox row (None for the status message).
-    inflight: HashMap<u16, Option<i64>>,
+    /// pkid -> what it carries.
+    inflight: HashMap<u16, InFlight>,
+    /// When the status message went out, and its round trip once acknowledged.
+    status_out: Option<Instant>,
+    status_rtt: Option<Duration>,
+    /// With a window of one: the message in flight and when it went out.
+    alone: Option<(i64, Instant)>,
 }
 
 impl Window {
     fn new(size: usize) -> Self {
         Window {
             size,
+            opened: Instant::now(),
             acked_rows: 0,
             sent: VecDeque::new(),
             inflight: HashMap::new(),
+            status_out: None,
+            status_rtt: None,
+            alone: None,
         }
     }
 
@@ -392,18 +465,67 @@ impl Window {
         self.sent.len() + self.inflight.len() < self.size
     }
 
-    /// How the connection ended, for the reconnect and poison-row logic.
-    fn lost(&self, error: String, up_at: Instant) -> End {
-        let in_flight = self.inflight.values().flatten().copied();
+    fn on_event(&mut self, event: Event, delivered: &mut Deliveries) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) => match self.sent.pop_front() {
+                Some(Sent::Row(d, 0)) => {
+                    self.acked_rows += 1;
+                    delivered.push(d);
+                }
+                Some(Sent::Row(d, _)) => {
+                    if self.size == 1 {
+                        self.alone = Some((d.id, Instant::now()));
+                    }
+                    self.inflight.insert(pkid, InFlight::Row(d));
+                }
+                Some(Sent::Status) => {
+                    self.status_out.get_or_insert_with(Instant::now);
+                    self.inflight.insert(pkid, InFlight::Status);
+                }
+                None => error!(
+                    pkid,
+                    "cloud client sent a publish the uplink did not ask for"
+                ),
+            },
+            Event::Incoming(Packet::PubAck(ack)) => match self.inflight.remove(&ack.pkid) {
+                Some(InFlight::Row(d)) => {
+                    self.acked_rows += 1;
+                    if self.alone.is_some_and(|(id, _)| id == d.id) {
+                        self.alone = None;
+                    }
+                    delivered.push(d);
+                }
+                Some(InFlight::Status) if self.status_rtt.is_none() => {
+                    self.status_rtt = self.status_out.map(|at| at.elapsed());
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+
+    /// How the connection ended, for the reconnect and poison logic.
+    fn lost(&self, error: String) -> End {
+        let in_flight = self.inflight.values().filter_map(|f| match f {
+            InFlight::Row(d) => Some(d.id),
+            InFlight::Status => None,
+        });
         let requested = self.sent.iter().filter_map(|s| match s {
-            Sent::Row { id, .. } => Some(*id),
+            Sent::Row(d, _) => Some(d.id),
             Sent::Status => None,
         });
+        let alone = match (self.alone, self.status_rtt) {
+            (Some((id, at)), Some(rtt)) if at.elapsed() <= (rtt * STRIKE_RTTS).max(STRIKE_MIN) => {
+                Some(id)
+            }
+            _ => None,
+        };
         End::Lost {
             error,
-            was_up: up_at.elapsed() >= STABLE_AFTER,
+            was_up: self.opened.elapsed() >= STABLE_AFTER,
             progressed: self.acked_rows > 0,
             head: in_flight.chain(requested).min(),
+            alone,
         }
     }
 }

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 
 use super::Link;
 use crate::health::{inc, RateLimit, SharedHealth};
-use crate::outbox::{NewMessage, OutboxHandle};
+use crate::outbox::{Lane, NewMessage, OutboxHandle};
 use crate::topics;
 
 /// An uplink rule as the intake applies it.
@@ -19,6 +19,7 @@ pub struct IntakeRule {
     pub filter: String,
     pub remote_prefix: String,
     pub qos: u8,
+    pub lane: Lane,
 }
 
 /// After shutdown is signalled, keep draining what the broker already accepted until it has
@@ -166,6 +167,7 @@ impl Intake {
             size: (topic.len() + publish.payload.len()) as u64,
             payload: publish.payload,
             qos: rule.qos,
+            lane: rule.lane,
         });
         true
     }

@@ -26,11 +26,12 @@ pub const RECONNECT_MAX: &str = "30s";
 pub const QUEUE_MAX_SIZE: &str = "1GiB";
 pub const WHEN_FULL: &str = "drop-oldest";
 pub const MAX_AGE: &str = "7d";
-pub const COMMIT_INTERVAL: &str = "20ms";
+pub const COMMIT_INTERVAL: &str = "1s";
 pub const COMMIT_BATCH: i64 = 1000;
 pub const SYNCHRONOUS: &str = "full";
 
 pub const QOS: i64 = 1;
+pub const DRAIN: &str = "strict";
 pub const PREFIX: &str = "";
 
 /// `gateway.data_dir` when the file does not set it: systemd's `$STATE_DIRECTORY` (its

@@ -21,6 +21,8 @@ use std::time::Duration;
 
 use toml_edit::ImDocument;
 
+pub use crate::outbox::Lane;
+
 pub use field::{
     Layout, LineFormat, ModbusDevice, ModbusRead, ModbusWrite, OnChange, Order, Parity,
     PayloadFormat, RegisterKind, SerialLine, SerialSensor, Transport, ValueType, WriteKind,
@@ -213,8 +215,9 @@ pub struct QueueConfig {
     pub max_size: u64,
     pub when_full: WhenFull,
     pub max_age: Duration,
+    /// A message the cloud has not acknowledged within this is written to disk.
     pub commit_interval: Duration,
-    /// Rows per group commit at most.
+    /// Messages held in memory at most; beyond it the oldest are written at once.
     pub commit_batch: usize,
     /// `synchronous = FULL` (true, default) or `NORMAL`.
     pub fsync: bool,
@@ -239,6 +242,8 @@ pub struct UplinkRule {
     /// Cloud topic = remote_prefix + local topic.
     pub remote_prefix: String,
     pub qos: Qos,
+    /// Order after an outage: strict (oldest first) or live-first.
+    pub drain: Lane,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -75,6 +75,7 @@ pub struct RawUplink {
     pub topic: Option<String>,
     pub remote_prefix: Option<String>,
     pub qos: Option<i64>,
+    pub drain: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -73,7 +73,7 @@ fn a_minimal_file_gets_every_default() {
             max_size: 1 << 30,
             when_full: WhenFull::DropOldest,
             max_age: Duration::from_secs(7 * 86_400),
-            commit_interval: Duration::from_millis(20),
+            commit_interval: Duration::from_secs(1),
             commit_batch: 1000,
             fsync: true,
         },
@@ -111,6 +111,7 @@ qos = 1
 [[uplink]]
 topic = "dock/+/door"
 qos = 0
+drain = "live-first"
 
 [[downlink]]
 topic = "#"
@@ -133,12 +134,14 @@ local_prefix = "cmd/"
             UplinkRule {
                 topic: "warehouse/#".into(),
                 remote_prefix: "fleet/gw-9/".into(),
-                qos: Qos::AtLeastOnce
+                qos: Qos::AtLeastOnce,
+                drain: Lane::Strict,
             },
             UplinkRule {
                 topic: "dock/+/door".into(),
                 remote_prefix: "".into(),
-                qos: Qos::AtMostOnce
+                qos: Qos::AtMostOnce,
+                drain: Lane::LiveFirst,
             },
         ]
     );

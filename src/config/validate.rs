@@ -17,7 +17,7 @@ use super::raw::{self, RawCloud, RawConfig, RawDownlink, RawGateway, RawLocal, R
 use super::raw::{RawUplink, WrongType};
 use super::{defaults, field, units, url};
 use super::{CloudConfig, CloudUrl, Config, ConfigError, DownlinkRule, GatewayConfig};
-use super::{LocalConfig, Problem, Qos, QueueConfig, UplinkRule, WhenFull};
+use super::{Lane, LocalConfig, Problem, Qos, QueueConfig, UplinkRule, WhenFull};
 use crate::topics;
 
 /// The largest MQTT packet: the remaining length field tops out at 256 MiB - 1.
@@ -395,6 +395,12 @@ fn uplink_rule(raw: &RawUplink, mut s: Section) -> Option<UplinkRule> {
         topic: s.filter("topic", &raw.topic),
         remote_prefix: s.prefix("remote_prefix", &raw.remote_prefix),
         qos: s.qos("qos", raw.qos, UPLINK_QOS2),
+        drain: s.choice(
+            "drain",
+            &raw.drain,
+            defaults::DRAIN,
+            &[("strict", Lane::Strict), ("live-first", Lane::LiveFirst)],
+        ),
     };
     (s.report.problems.len() == problems_before).then_some(rule)
 }

@@ -1,0 +1,881 @@
+//! The outbox: every message an uplink rule accepted, from the intake until the cloud has
+//! it, in memory and on disk, and nothing else. One thread owns it; everyone else talks to
+//! it through [`OutboxHandle`].
+//!
+//! Write-behind (promise 1): a message is handed to the uplink at once and held in memory;
+//! it is written to SQLite only if the cloud has not acknowledged it within
+//! `queue.commit_interval` (so always while the link is down or the window is full), or when
+//! more than `queue.commit_batch` messages wait in memory. On a healthy link most messages
+//! never touch the flash; a crash loses at most the unacknowledged messages of the last
+//! `commit_interval`. Ids are assigned in arrival order and every id on disk is lower than
+//! every id in memory, so "oldest first" is one ordered walk over disk, then memory.
+//!
+//! Ages are measured on the *gateway clock*: the monotonic time the gateway has been
+//! running, carried over restarts in the database, so a wall-clock jump (a Pi booting in
+//! 1970, NTP stepping) never expires a backlog.
+
+mod store;
+
+use std::collections::{BTreeSet, VecDeque};
+use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rangemap::RangeInclusiveSet;
+use tokio::sync::oneshot;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{QueueConfig, WhenFull};
+use crate::health::{add, inc, RateLimit, SharedHealth};
+use store::{Flush, Store};
+
+/// How an uplink rule's messages are ordered after an outage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Lane {
+    /// Oldest first, always (promise 2).
+    #[default]
+    Strict,
+    /// Messages that arrive while a backlog drains go first; the backlog follows in its
+    /// own order (`drain = "live-first"`).
+    LiveFirst,
+}
+
+/// A message accepted from the local broker, on its way into the outbox.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    /// The cloud topic it will be published on.
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    /// What it counts against `queue.max_size`: local topic plus payload bytes.
+    pub size: u64,
+    pub lane: Lane,
+}
+
+/// A message handed to the uplink.
+#[derive(Debug, Clone)]
+pub struct Row {
+    pub id: i64,
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub size: u64,
+}
+
+/// The cloud has this message (acknowledged at QoS 1, written at QoS 0).
+#[derive(Debug, Clone, Copy)]
+pub struct Delivered {
+    pub id: i64,
+    pub size: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    #[error("opening the outbox database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("creating the data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the outbox has stopped")]
+    Closed,
+}
+
+/// A request for the next messages to send. It is answered as soon as there is at least one
+/// (at once, or when one arrives).
+struct FetchRequest {
+    /// The uplink's connection: a new one starts over from the oldest message.
+    session: u64,
+    limit: usize,
+    max_bytes: usize,
+    reply: oneshot::Sender<Vec<Row>>,
+}
+
+enum Command {
+    Push(Vec<NewMessage>),
+    Fetch(FetchRequest),
+    Delivered(Vec<Delivered>),
+    DeadLetter { id: i64, reason: String },
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The way to the outbox's owner thread. Cheap to clone.
+#[derive(Clone)]
+pub struct OutboxHandle {
+    tx: flume::Sender<Command>,
+}
+
+impl OutboxHandle {
+    /// Hands messages to the outbox; waits while the owner is saturated.
+    pub async fn push(&self, messages: Vec<NewMessage>) -> Result<(), OutboxError> {
+        self.send(Command::Push(messages)).await
+    }
+
+    /// Asks for up to `limit` messages (and about `max_bytes` of topic plus payload) not yet
+    /// handed out in `session`, oldest first (live-first rules' new messages before their
+    /// backlog). The answer comes when there is at least one; a newer request replaces it.
+    pub async fn fetch(
+        &self,
+        session: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<oneshot::Receiver<Vec<Row>>, OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Fetch(FetchRequest {
+            session,
+            limit,
+            max_bytes,
+            reply,
+        }))
+        .await?;
+        Ok(rx)
+    }
+
+    /// The cloud has these messages: they may go.
+    pub async fn delivered(&self, messages: Vec<Delivered>) -> Result<(), OutboxError> {
+        self.send(Command::Delivered(messages)).await
+    }
+
+    /// The cloud can never take this message: move it aside so the ones behind it can flow.
+    pub async fn dead_letter(&self, id: i64, reason: String) -> Result<(), OutboxError> {
+        self.send(Command::DeadLetter { id, reason }).await
+    }
+
+    /// Writes what is held in memory and stops the owner.
+    pub async fn shutdown(&self) -> Result<(), OutboxError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Shutdown(reply)).await?;
+        rx.await.map_err(|_| OutboxError::Closed)
+    }
+
+    async fn send(&self, command: Command) -> Result<(), OutboxError> {
+        self.tx
+            .send_async(command)
+            .await
+            .map_err(|_| OutboxError::Closed)
+    }
+}
+
+/// Opens (or creates) the outbox in `data_dir` and starts its owner thread.
+pub fn open(
+    config: &QueueConfig,
+    data_dir: &Path,
+    health: SharedHealth,
+) -> Result<(OutboxHandle, std::thread::JoinHandle<()>), OutboxError> {
+    std::fs::create_dir_all(data_dir).map_err(|source| OutboxError::DataDir {
+        path: data_dir.to_owned(),
+        source,
+    })?;
+    let path = data_dir.join("outbox.db");
+    let store = Store::open(&path, config.fsync).map_err(|source| OutboxError::Open {
+        path: path.clone(),
+        source,
+    })?;
+    // Small: a push holds up to a whole intake batch.
+    let (tx, rx) = flume::bounded(16);
+    info!(
+        path = %path.display(),
+        rows = store.rows,
+        bytes = store.bytes,
+        "outbox opened"
+    );
+    let owner = Owner::new(store, config.clone(), health, rx);
+    let thread = std::thread::Builder::new()
+        .name("outbox".into())
+        .spawn(move || owner.run())
+        .map_err(|source| OutboxError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+    Ok((OutboxHandle { tx }, thread))
+}
+
+/// A message held in memory.
+pub(crate) struct Held {
+    id: i64,
+    message: NewMessage,
+    arrived: Instant,
+    /// Gateway-clock ms of its arrival.
+    ts: u64,
+    state: HeldState,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldState {
+    /// Not handed to the uplink in its current session.
+    Waiting,
+    /// Handed to the uplink in this session.
+    Issued(u64),
+    /// Delivered, dropped or expired: nothing more to do.
+    Gone,
+}
+
+/// Where the uplink's current session stands in the ordered walk.
+#[derive(Default)]
+struct Cursor {
+    session: u64,
+    /// The lowest id not yet handed out in strict order.
+    next: i64,
+    /// Ids above `next` handed out early (live-first) and since written to disk.
+    ahead: BTreeSet<i64>,
+}
+
+/// Memory the outbox may hold before it writes regardless of `commit_interval`.
+const HELD_MAX_BYTES: u64 = 16 << 20;
+/// While the database refuses writes, memory holds at most this much; new messages are
+/// refused beyond it (counted in `rejected_storage`).
+const HELD_HARD_BYTES: u64 = 64 << 20;
+const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+/// The gateway clock is saved at most this often, only while rows are on disk.
+const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
+/// Disk rows read per step when dropping or expiring the oldest.
+const SCAN_STEP: usize = 512;
+
+struct Owner {
+    store: Store,
+    config: QueueConfig,
+    health: SharedHealth,
+    rx: flume::Receiver<Command>,
+    next_id: i64,
+    held: VecDeque<Held>,
+    /// Live (not gone) messages in memory and their bytes.
+    held_rows: u64,
+    held_bytes: u64,
+    /// Disk rows to delete at the next flush, and since when the oldest waits.
+    gone: RangeInclusiveSet<i64>,
+    gone_since: Option<Instant>,
+    dead: Vec<(Row, String)>,
+    cursor: Cursor,
+    parked: Option<FetchRequest>,
+    next_expiry: Instant,
+    clock_saved: Instant,
+    /// Gateway-clock ms of the oldest message, as of the last gauge update.
+    oldest_ts: Option<u64>,
+    /// The last write failed: memory fills up to `HELD_HARD_BYTES`, then new messages are
+    /// refused, until a write succeeds.
+    storage_failing: bool,
+    full_log: RateLimit,
+    storage_log: RateLimit,
+}
+
+impl Owner {
+    fn new(
+        store: Store,
+        config: QueueConfig,
+        health: SharedHealth,
+        rx: flume::Receiver<Command>,
+    ) -> Self {
+        Owner {
+            next_id: store.max_id + 1,
+            store,
+            config,
+            health,
+            rx,
+            held: VecDeque::new(),
+            held_rows: 0,
+            held_bytes: 0,
+            gone: RangeInclusiveSet::new(),
+            gone_since: None,
+            dead: Vec::new(),
+            cursor: Cursor::default(),
+            parked: None,
+            next_expiry: Instant::now(),
+            clock_saved: Instant::now(),
+            oldest_ts: None,
+            storage_failing: false,
+            full_log: RateLimit::new(Duration::from_secs(10)),
+            storage_log: RateLimit::new(Duration::from_secs(10)),
+        }
+    }
+
+    fn run(mut self) {
+        self.update_gauges(true);
+        loop {
+            let command = match self.next_deadline() {
+                Some(deadline) => self.rx.recv_deadline(deadline),
+                None => self
+                    .rx
+                    .recv()
+                    .map_err(|_| flume::RecvTimeoutError::Disconnected),
+            };
+            match command {
+                Ok(Command::Push(messages)) => {
+                    self.accept(messages);
+                    self.answer_parked();
+                    if self.held_rows > self.config.commit_batch as u64
+                        || self.held_bytes > HELD_MAX_BYTES
+                    {
+                        self.flush(Spill::OverBound);
+                    }
+                    self.update_gauges(false);
+                }
+                Ok(Command::Fetch(request)) => {
+                    if request.session != self.cursor.session {
+                        self.cursor = Cursor {
+                            session: request.session,
+                            ..Cursor::default()
+                        };
+                    }
+                    self.parked = Some(request);
+                    self.answer_parked();
+                }
+                Ok(Command::Delivered(messages)) => {
+                    for m in messages {
+                        self.forget(m.id, m.size);
+                    }
+                    self.update_gauges(false);
+                }
+                Ok(Command::DeadLetter { id, reason }) => {
+                    if let Some(row) = self.lookup(id) {
+                        warn!(topic = %row.topic, bytes = row.payload.len(), reason = %reason,
+                            "message moved to the dead-letter table");
+                        self.forget(row.id, row.size);
+                        self.dead.push((row, reason));
+                        self.flush(Spill::Due);
+                        self.update_gauges(true);
+                    }
+                }
+                Ok(Command::Shutdown(reply)) => {
+                    self.close();
+                    let _ = reply.send(());
+                    return;
+                }
+                Err(flume::RecvTimeoutError::Timeout) => self.tick(),
+                Err(flume::RecvTimeoutError::Disconnected) => {
+                    self.close();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// When the owner has something to do without being asked: the oldest message in
+    /// memory reaches `commit_interval`, deletions are due, rows may expire, the clock is
+    /// due to be saved. None when idle: an idle gateway does not write.
+    fn next_deadline(&self) -> Option<Instant> {
+        let interval = self.config.commit_interval;
+        let spill = self
+            .held
+            .iter()
+            .find(|h| h.state != HeldState::Gone)
+            .map(|h| h.arrived + interval);
+        let gone = self.gone_since.map(|since| since + interval);
+        let stored = self.store.rows + self.held_rows > 0;
+        let expiry = stored.then_some(self.next_expiry);
+        let clock = (self.store.rows > 0).then_some(self.clock_saved + CLOCK_SAVE_EVERY);
+        [spill, gone, expiry, clock].into_iter().flatten().min()
+    }
+
+    fn tick(&mut self) {
+        let now = Instant::now();
+        if now >= self.next_expiry {
+            self.next_expiry = now + EXPIRY_EVERY;
+            self.expire();
+        }
+        self.flush(Spill::Due);
+        self.update_gauges(true);
+    }
+
+    /// Takes new messages in, applying `queue.max_size` and `when_full`.
+    fn accept(&mut self, messages: Vec<NewMessage>) {
+        let counters = &self.health.counters;
+        let (mut rejected, mut refused) = (0u64, 0u64);
+        let mut accepted = 0u64;
+        for message in messages {
+            if self.storage_failing && self.held_bytes + message.size > HELD_HARD_BYTES {
+                refused += 1;
+                continue;
+            }
+            let fits = self.total_bytes() + message.size <= self.config.max_size;
+            if !fits
+                && (self.config.when_full == WhenFull::RejectNew
+                    || message.size > self.config.max_size)
+            {
+                rejected += 1;
+                continue;
+            }
+            let id = self.next_id;
+            self.next_id += 1;
+            self.held_rows += 1;
+            self.held_bytes += message.size;
+            accepted += 1;
+            self.held.push_back(Held {
+                id,
+                message,
+                arrived: Instant::now(),
+                ts: self.store.clock.now_ms(),
+                state: HeldState::Waiting,
+            });
+        }
+        add(&counters.enqueued, accepted);
+        add(&counters.rejected_full, rejected);
+        add(&counters.rejected_storage, refused);
+        let over = self.total_bytes().saturating_sub(self.config.max_size);
+        let dropped = if over > 0 { self.drop_oldest(over) } else { 0 };
+        if rejected + dropped > 0 {
+            if let Some(held) = self.full_log.check() {
+                warn!(
+                    dropped_oldest = dropped,
+                    rejected_new = rejected,
+                    max_size = self.config.max_size,
+                    earlier_warnings_suppressed = held,
+                    "outbox full: messages lost to queue.when_full"
+                );
+            }
+        }
+        if refused > 0 {
+            if let Some(held) = self.storage_log.check() {
+                error!(
+                    refused,
+                    earlier_warnings_suppressed = held,
+                    "the outbox cannot write to disk and memory is full: new messages are refused"
+                );
+            }
+        }
+    }
+
+    fn total_bytes(&self) -> u64 {
+        self.store.bytes + self.held_bytes
+    }
+
+    /// Drops the oldest messages (disk first, then memory) until `need` bytes are freed.
+    fn drop_oldest(&mut self, need: u64) -> u64 {
+        let mut freed = 0;
+        let mut dropped = 0;
+        let mut from = i64::MIN;
+        'disk: while freed < need {
+            let Some(first) = self.store.first_from(from) else {
+                break;
+            };
+            let rows = match self.store.sizes(first, SCAN_STEP) {
+                Ok(rows) if !rows.is_empty() => rows,
+                Ok(_) => break,
+                Err(e) => {
+                    self.db_error("reading the oldest rows to drop", &e);
+                    break;
+                }
+            };
+            for (id, size, _) in rows {
+                from = id + 1;
+                if self.store.on_disk.contains(&id) {
+                    self.forget_disk(id, size);
+                    freed += size;
+                    dropped += 1;
+                    if freed >= need {
+                        break 'disk;
+                    }
+                }
+            }
+        }
+        for held in self.held.iter_mut() {
+            if freed >= need {
+                break;
+            }
+            if held.state != HeldState::Gone {
+                held.state = HeldState::Gone;
+                self.held_rows -= 1;
+                self.held_bytes -= held.message.size;
+                freed += held.message.size;
+                dropped += 1;
+            }
+        }
+        self.pop_gone();
+        add(&self.health.counters.dropped_full, dropped);
+        dropped
+    }
+
+    /// Removes messages older than `queue.max_age` (gateway clock).
+    fn expire(&mut self) {
+        let now_ms = self.store.clock.now_ms();
+        let Some(cutoff) = now_ms.checked_sub(self.config.max_age.as_millis() as u64) else {
+            return;
+        };
+        if self.oldest_ts.is_none_or(|ts| ts >= cutoff) {
+            return;
+        }
+        let mut expired = 0u64;
+        let mut from = i64::MIN;
+        'disk: while let Some(first) = self.store.first_from(from) {
+            let rows = match self.store.sizes(first, SCAN_STEP) {
+                Ok(rows) if !rows.is_empty() => rows,
+                Ok(_) => break,
+                Err(e) => {
+                    self.db_error("reading rows to expire", &e);
+                    break;
+                }
+            };
+            for (id, size, ts) in rows {
+                if ts.max(0) as u64 >= cutoff {
+                    break 'disk;
+                }
+                from = id + 1;
+                if self.store.on_disk.contains(&id) {
+                    self.forget_disk(id, size);
+                    expired += 1;
+                }
+            }
+        }
+        for held in self.held.iter_mut() {
+            if held.ts >= cutoff {
+                break;
+            }
+            if held.state != HeldState::Gone {
+                held.state = HeldState::Gone;
+                self.held_rows -= 1;
+                self.held_bytes -= held.message.size;
+                expired += 1;
+            }
+        }
+        self.pop_gone();
+        if expired > 0 {
+            add(&self.health.counters.expired, expired);
+            warn!(expired, max_age = ?self.config.max_age, "outbox messages expired (queue.max_age)");
+        }
+    }
+
+    /// The message is no longer ours to keep (delivered or dead-lettered).
+    fn forget(&mut self, id: i64, size: u64) {
+        match self.held.front().map(|h| h.id) {
+            Some(front) if id >= front => {
+                let Some(held) = self.held.get_mut((id - front) as usize) else {
+                    return;
+                };
+                if held.state != HeldState::Gone {
+                    held.state = HeldState::Gone;
+                    self.held_rows -= 1;
+                    self.held_bytes -= held.message.size;
+                }
+                self.pop_gone();
+            }
+            _ if self.store.on_disk.contains(&id) => self.forget_disk(id, size),
+            // Dropped or expired while it was in flight, or delivered before: nothing to do.
+            _ => {}
+        }
+    }
+
+    /// Messages at the front of memory that need nothing more are let go.
+    fn pop_gone(&mut self) {
+        while self
+            .held
+            .front()
+            .is_some_and(|h| h.state == HeldState::Gone)
+        {
+            self.held.pop_front();
+        }
+    }
+
+    fn forget_disk(&mut self, id: i64, size: u64) {
+        self.store.on_disk.remove(id..=id);
+        self.store.rows -= 1;
+        self.store.bytes = self.store.bytes.saturating_sub(size);
+        self.gone.insert(id..=id);
+        self.gone_since.get_or_insert_with(Instant::now);
+    }
+
+    /// A message still in the outbox, by id.
+    fn lookup(&self, id: i64) -> Option<Row> {
+        match self.held.front().map(|h| h.id) {
+            Some(front) if id >= front => self
+                .held
+                .get((id - front) as usize)
+                .filter(|h| h.state != HeldState::Gone)
+                .map(row_of),
+            _ if self.store.on_disk.contains(&id) => match self.store.read(id, 1) {
+                Ok(rows) => rows.into_iter().find(|r| r.id == id),
+                Err(e) => {
+                    self.db_error("reading a row to dead-letter", &e);
+                    None
+                }
+            },
+            _ => None,
+        }
+    }
+
+    fn answer_parked(&mut self) {
+        let Some(request) = self.parked.take() else {
+            return;
+        };
+        if request.reply.is_closed() {
+            return;
+        }
+        let rows = self.issue(request.limit, request.max_bytes);
+        if rows.is_empty() {
+            self.parked = Some(request);
+        } else if let Err(rows) = request.reply.send(rows) {
+            // The uplink's connection ended meanwhile; the next session starts over.
+            debug!(rows = rows.len(), "fetch answered after its session ended");
+        }
+    }
+
+    /// The next messages for the uplink's session: live-first rules' messages in memory,
+    /// then everything in order, disk first.
+    fn issue(&mut self, limit: usize, max_bytes: usize) -> Vec<Row> {
+        let session = self.cursor.session;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        let full = |out: &Vec<Row>, bytes: usize| out.len() >= limit || bytes >= max_bytes;
+        let backlog = self
+            .store
+            .last()
+            .is_some_and(|last| last >= self.cursor.next);
+        if backlog {
+            for held in self.held.iter_mut() {
+                if full(&out, bytes) {
+                    break;
+                }
+                if held.message.lane == Lane::LiveFirst && issuable(held.state, session) {
+                    held.state = HeldState::Issued(session);
+                    bytes += held.message.topic.len() + held.message.payload.len();
+                    out.push(row_of(held));
+                }
+            }
+        }
+        while !full(&out, bytes) {
+            if let Some(first) = self.store.first_from(self.cursor.next) {
+                let rows = match self.store.read(first, limit - out.len()) {
+                    Ok(rows) => rows,
+                    Err(e) => {
+                        self.db_error("reading rows to send", &e);
+                        break;
+                    }
+                };
+                if rows.is_empty() {
+                    break;
+                }
+                for row in rows {
+                    if full(&out, bytes) {
+                        break;
+                    }
+                    self.cursor.next = row.id + 1;
+                    if self.cursor.ahead.remove(&row.id) || !self.store.on_disk.contains(&row.id) {
+                        continue;
+                    }
+                    bytes += row.topic.len() + row.payload.len();
+                    out.push(row);
+                }
+                continue;
+            }
+            let Some(front) = self.held.front().map(|h| h.id) else {
+                break;
+            };
+            self.cursor.next = self.cursor.next.max(front);
+            let start = (self.cursor.next - front) as usize;
+            for held in self.held.iter_mut().skip(start) {
+                if full(&out, bytes) {
+                    break;
+                }
+                self.cursor.next = held.id + 1;
+                if issuable(held.state, session) {
+                    held.state = HeldState::Issued(session);
+                    bytes += held.message.topic.len() + held.message.payload.len();
+                    out.push(row_of(held));
+                }
+            }
+            break;
+        }
+        out
+    }
+
+    /// Writes what is due: messages held longer than `commit_interval` (or, over the memory
+    /// bound, the oldest until it is met; or everything, at shutdown), deletions, dead
+    /// letters and the clock.
+    fn flush(&mut self, spill: Spill) {
+        let now = Instant::now();
+        let cutoff = now.checked_sub(self.config.commit_interval);
+        let keep = match spill {
+            Spill::Due => u64::MAX,
+            Spill::OverBound => self.config.commit_batch as u64 / 2,
+            Spill::All => 0,
+        };
+        let (mut count, mut rows, mut bytes) = (0usize, self.held_rows, self.held_bytes);
+        for held in &self.held {
+            let due = cutoff.is_some_and(|c| held.arrived <= c);
+            let over = rows > keep || bytes > HELD_MAX_BYTES / 2;
+            if !(due || over) {
+                break;
+            }
+            if held.state != HeldState::Gone {
+                rows -= 1;
+                bytes -= held.message.size;
+            }
+            count += 1;
+        }
+        let gone_due = self.gone_since.is_some_and(|since| {
+            matches!(spill, Spill::All) || now >= since + self.config.commit_interval
+        });
+        let clock_due = self.store.rows > 0 && now >= self.clock_saved + CLOCK_SAVE_EVERY
+            || matches!(spill, Spill::All) && self.store.rows + self.held_rows > 0;
+        if count == 0 && !gone_due && self.dead.is_empty() && !clock_due {
+            return;
+        }
+        let clock_ms = self.store.clock.now_ms();
+        let flush = Flush {
+            spill: self
+                .held
+                .iter()
+                .take(count)
+                .filter(|h| h.state != HeldState::Gone)
+                .collect(),
+            delete: if gone_due || count > 0 {
+                self.gone.iter().cloned().collect()
+            } else {
+                Vec::new()
+            },
+            dead: self
+                .dead
+                .iter()
+                .map(|(row, reason)| (row, clock_ms, reason.as_str()))
+                .collect(),
+            clock_ms: (clock_due || count > 0).then_some(clock_ms),
+        };
+        let (spilled, deleted) = (flush.spill.len() as u64, !flush.delete.is_empty());
+        let result = self.store.write(&flush);
+        drop(flush);
+        match result {
+            Ok(()) => {
+                if self.storage_failing {
+                    info!("the outbox writes to disk again");
+                    self.storage_failing = false;
+                }
+                self.settle_spill(count, spilled);
+                if deleted {
+                    self.gone.clear();
+                    self.gone_since = None;
+                }
+                add(&self.health.counters.dead_lettered, self.dead.len() as u64);
+                self.dead.clear();
+                if clock_due || count > 0 {
+                    self.clock_saved = now;
+                }
+                debug!(spilled, deleted, "outbox flush");
+            }
+            Err(e) => {
+                self.storage_failing = true;
+                self.db_error("writing to disk", &e);
+            }
+        }
+    }
+
+    /// After a successful write, the first `count` held messages are on disk (or were gone).
+    fn settle_spill(&mut self, count: usize, spilled: u64) {
+        let mut run: Option<RangeInclusive<i64>> = None;
+        for held in self.held.drain(..count) {
+            if held.state == HeldState::Gone {
+                continue;
+            }
+            self.held_rows -= 1;
+            self.held_bytes -= held.message.size;
+            self.store.rows += 1;
+            self.store.bytes += held.message.size;
+            // Handed out early (live-first) in this session: the ordered walk must skip it.
+            if held.state == HeldState::Issued(self.cursor.session) && held.id >= self.cursor.next {
+                self.cursor.ahead.insert(held.id);
+            }
+            run = match run {
+                Some(r) if *r.end() + 1 == held.id => Some(*r.start()..=held.id),
+                Some(r) => {
+                    self.store.on_disk.insert(r);
+                    Some(held.id..=held.id)
+                }
+                None => Some(held.id..=held.id),
+            };
+        }
+        if let Some(r) = run {
+            self.store.on_disk.insert(r);
+        }
+        add(&self.health.counters.persisted, spilled);
+    }
+
+    /// At shutdown: everything the cloud has not acknowledged goes to disk.
+    fn close(&mut self) {
+        self.flush(Spill::All);
+        if self.held_rows > 0 {
+            add(&self.health.counters.outbox_lost, self.held_rows);
+            error!(
+                lost = self.held_rows,
+                "the outbox could not write its last messages to disk; they are lost"
+            );
+        }
+        self.update_gauges(true);
+        info!(
+            rows = self.store.rows,
+            bytes = self.store.bytes,
+            "outbox closed"
+        );
+    }
+
+    fn db_error(&self, what: &str, e: &rusqlite::Error) {
+        inc(&self.health.counters.outbox_errors);
+        error!(error = %e, "outbox database error while {what}");
+    }
+
+    /// Publishes rows, bytes and (when `oldest` is set, as it costs a read) the age of the
+    /// oldest message.
+    fn update_gauges(&mut self, oldest: bool) {
+        let queue = &self.health.queue;
+        queue
+            .rows
+            .store(self.store.rows + self.held_rows, Ordering::Relaxed);
+        queue.bytes.store(self.total_bytes(), Ordering::Relaxed);
+        queue.disk_rows.store(self.store.rows, Ordering::Relaxed);
+        queue
+            .now_ts
+            .store(self.store.clock.now_ms(), Ordering::Relaxed);
+        let held_oldest = || {
+            self.held
+                .iter()
+                .find(|h| h.state != HeldState::Gone)
+                .map(|h| h.ts)
+        };
+        self.oldest_ts = if self.store.rows == 0 {
+            held_oldest()
+        } else if oldest || self.oldest_ts.is_none() {
+            match self.store.oldest_ts() {
+                Ok(ts) => ts.map(|ts| ts.max(0) as u64),
+                Err(e) => {
+                    self.db_error("reading the oldest row", &e);
+                    held_oldest()
+                }
+            }
+        } else {
+            self.oldest_ts
+        };
+        queue
+            .oldest_ts
+            .store(self.oldest_ts.unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Spill {
+    /// Messages held longer than `commit_interval`.
+    Due,
+    /// Memory is over its bound: also the oldest until half of it is left.
+    OverBound,
+    /// Shutdown: everything.
+    All,
+}
+
+fn issuable(state: HeldState, session: u64) -> bool {
+    match state {
+        HeldState::Waiting => true,
+        HeldState::Issued(s) => s != session,
+        HeldState::Gone => false,
+    }
+}
+
+fn row_of(held: &Held) -> Row {
+    Row {
+        id: held.id,
+        topic: held.message.topic.clone(),
+        payload: held.message.payload.clone(),
+        qos: held.message.qos,
+        size: held.message.size,
+    }
+}
