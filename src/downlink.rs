@@ -1,6 +1,11 @@
 //! The command connection: its own client id and persistent session, so a telemetry burst
 //! never delays a command. Each command is published into the local broker at QoS 1 and
-//! acknowledged to the cloud only after the broker confirmed it.
+//! acknowledged to the cloud only after the broker confirmed it and the hand-off is on disk.
+//!
+//! Commands are pipelined: each goes to the local broker as soon as it arrives, the broker's
+//! confirmations come back in order, the records of several hand-offs are written in one
+//! transaction by the recorder thread, and the cloud's PUBACKs go out in the order the
+//! commands came, each once its record is durable.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
@@ -12,7 +17,8 @@ use rumqttc::{
 };
 use rumqttd::local::LinkError;
 use rumqttd::protocol::Packet as RouterPacket;
-use tokio::sync::watch;
+use rumqttd::Notification;
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::broker::Link;
@@ -55,13 +61,113 @@ enum End {
     Fatal(DownlinkError),
 }
 
+/// Where a command stands between the cloud's PUBLISH and our PUBACK.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Published into the local broker with this packet id; its PUBACK is awaited.
+    AtBroker(u16),
+    /// Confirmed by the broker; its record is not written yet.
+    Confirmed,
+    /// Its record is in this recorder batch.
+    Recording(u64),
+    /// Nothing more to wait for: the PUBACK may go (in order).
+    Done,
+}
+
+struct Entry {
+    /// What to acknowledge upstream; None once the connection it came on is gone (the
+    /// cloud redelivers it).
+    ack: Option<Publish>,
+    key: u64,
+    stage: Stage,
+    since: Instant,
+}
+
+/// Commands in the order the cloud sent them, until their PUBACK goes out.
+#[derive(Default)]
+struct Pipeline {
+    entries: VecDeque<Entry>,
+    pkid: u16,
+    batch: u64,
+}
+
+impl Pipeline {
+    fn next_pkid(&mut self) -> u16 {
+        self.pkid = self.pkid.checked_add(1).unwrap_or(1);
+        self.pkid
+    }
+
+    /// When the oldest command still at the broker must be confirmed by.
+    fn handoff_deadline(&self) -> Option<tokio::time::Instant> {
+        self.entries
+            .iter()
+            .find(|e| matches!(e.stage, Stage::AtBroker(_)))
+            .map(|e| tokio::time::Instant::from_std(e.since) + HANDOFF_TIMEOUT)
+    }
+
+    /// The broker confirmed `pkid`: returns the command's key.
+    fn confirmed(&mut self, pkid: u16) -> Option<u64> {
+        let entry = self
+            .entries
+            .iter_mut()
+            .find(|e| e.stage == Stage::AtBroker(pkid))?;
+        entry.stage = Stage::Confirmed;
+        Some(entry.key)
+    }
+
+    /// Keys of the confirmed commands, now part of a new recorder batch.
+    fn start_batch(&mut self) -> Option<(u64, Vec<u64>)> {
+        let batch = self.batch + 1;
+        let keys: Vec<u64> = self
+            .entries
+            .iter_mut()
+            .filter(|e| e.stage == Stage::Confirmed)
+            .map(|e| {
+                e.stage = Stage::Recording(batch);
+                e.key
+            })
+            .collect();
+        if keys.is_empty() {
+            return None;
+        }
+        self.batch = batch;
+        Some((batch, keys))
+    }
+
+    fn recorded(&mut self, batch: u64) {
+        for e in self.entries.iter_mut() {
+            if e.stage == Stage::Recording(batch) {
+                e.stage = Stage::Done;
+            }
+        }
+    }
+
+    /// PUBACKs for the commands at the front that are done, in order.
+    fn release(&mut self, client: &AsyncClient) {
+        while self.entries.front().is_some_and(|e| e.stage == Stage::Done) {
+            if let Some(publish) = self.entries.pop_front().and_then(|e| e.ack) {
+                let _ = client.try_ack(&publish);
+            }
+        }
+    }
+
+    /// The connection the commands came on is gone: nothing to acknowledge any more, but
+    /// hand-offs in progress still complete and are recorded.
+    fn connection_lost(&mut self) {
+        for e in self.entries.iter_mut() {
+            e.ack = None;
+        }
+        self.entries.retain(|e| e.stage != Stage::Done);
+    }
+}
+
 impl Downlink {
     /// Runs until shutdown; an error means the local broker can no longer take commands and
     /// the gateway must restart.
     pub async fn run(mut self) -> Result<(), DownlinkError> {
         let mut reconnect = self.cloud.reconnect();
         let mut handed = Handed::open(&self.data_dir, REMEMBERED);
-        let mut pkid = 0u16;
+        let mut pipeline = Pipeline::default();
         loop {
             self.health.commands.set(LinkState::Connecting);
             let mut options = self.cloud.options(&self.cloud.config.command_client_id);
@@ -71,10 +177,11 @@ impl Downlink {
                 .set_manual_acks(true)
                 .set_max_packet_size(MQTT_MAX_PACKET, self.cloud.config.max_packet_size);
             let (client, eventloop) = AsyncClient::new(options, 256);
-            match self
-                .session(&client, eventloop, &mut handed, &mut pkid)
-                .await
-            {
+            let end = self
+                .session(&client, eventloop, &mut handed, &mut pipeline)
+                .await;
+            pipeline.connection_lost();
+            match end {
                 End::Shutdown => {
                     let _ = client.try_disconnect();
                     return Ok(());
@@ -105,90 +212,126 @@ impl Downlink {
         client: &AsyncClient,
         mut eventloop: EventLoop,
         handed: &mut Handed,
-        pkid: &mut u16,
+        pipeline: &mut Pipeline,
     ) -> End {
         let mut up_at: Option<Instant> = None;
         let mut bad_log = RateLimit::new(Duration::from_secs(10));
+        let was_up = |up_at: Option<Instant>| up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER);
         loop {
-            let event = tokio::select! {
-                event = eventloop.poll() => event,
-                _ = self.shutdown.changed() => return End::Shutdown,
-            };
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack)))
-                    if ack.code == ConnectReturnCode::Success =>
-                {
-                    up_at = Some(Instant::now());
-                    self.health.commands.set(LinkState::Up);
-                    info!(client_id = %self.cloud.config.command_client_id,
-                        session_present = ack.session_present, "cloud command link up");
-                    if !ack.session_present {
-                        let filters = self.rules.iter().map(|r| {
-                            let qos = if r.qos as u8 == 0 {
-                                QoS::AtMostOnce
-                            } else {
-                                QoS::AtLeastOnce
-                            };
-                            SubscribeFilter::new(format!("{}{}", r.remote_prefix, r.topic), qos)
-                        });
-                        if let Err(e) = client.try_subscribe_many(filters) {
-                            return End::Lost {
-                                error: format!("subscribing to commands: {e}"),
-                                was_up: up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER),
-                            };
+            if let Some((batch, keys)) = pipeline.start_batch() {
+                handed.record(batch, keys);
+            }
+            pipeline.release(client);
+            let deadline = pipeline.handoff_deadline();
+            tokio::select! {
+                event = eventloop.poll() => match event {
+                    Ok(Event::Incoming(Packet::ConnAck(ack)))
+                        if ack.code == ConnectReturnCode::Success =>
+                    {
+                        up_at = Some(Instant::now());
+                        self.health.commands.set(LinkState::Up);
+                        info!(client_id = %self.cloud.config.command_client_id,
+                            session_present = ack.session_present, "cloud command link up");
+                        if !ack.session_present {
+                            if let Err(e) = self.subscribe(client) {
+                                return End::Lost { error: format!("subscribing to commands: {e}"), was_up: was_up(up_at) };
+                            }
                         }
                     }
-                }
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                    return End::Lost {
-                        error: format!("cloud refused the connection: {:?}", ack.code),
-                        was_up: up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER),
-                    };
-                }
-                Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                    let refused = ack
-                        .return_codes
-                        .iter()
-                        .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
-                        .count();
-                    if refused > 0 {
-                        error!(refused, "the cloud refused command subscriptions; check its ACL for cloud.command_client_id");
+                    Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                        return End::Lost {
+                            error: format!("cloud refused the connection: {:?}", ack.code),
+                            was_up: was_up(up_at),
+                        };
                     }
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    if let Err(e) = self
-                        .command(client, publish, handed, pkid, &mut bad_log)
-                        .await
-                    {
+                    Ok(Event::Incoming(Packet::SubAck(ack))) => {
+                        let refused = ack
+                            .return_codes
+                            .iter()
+                            .filter(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure))
+                            .count();
+                        if refused > 0 {
+                            error!(refused, "the cloud refused command subscriptions; check its ACL for cloud.command_client_id");
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(publish))) => {
+                        if let Err(e) = self.command(publish, handed, pipeline, &mut bad_log).await {
+                            return End::Fatal(e);
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => return End::Lost { error: error_chain(&e), was_up: was_up(up_at) },
+                },
+                next = self.link.next() => {
+                    if let Err(e) = self.on_broker(next, handed, pipeline) {
                         return End::Fatal(e);
                     }
                 }
-                Ok(_) => {}
-                Err(e) => {
-                    return End::Lost {
-                        error: error_chain(&e),
-                        was_up: up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER),
-                    }
+                Some(batch) = handed.done.recv() => pipeline.recorded(batch),
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
+                    return End::Fatal(DownlinkError::HandoffTimeout(HANDOFF_TIMEOUT));
                 }
+                _ = self.shutdown.changed() => return End::Shutdown,
             }
+        }
+    }
+
+    fn subscribe(&self, client: &AsyncClient) -> Result<(), rumqttc::ClientError> {
+        let filters = self.rules.iter().map(|r| {
+            let qos = if r.qos as u8 == 0 {
+                QoS::AtMostOnce
+            } else {
+                QoS::AtLeastOnce
+            };
+            SubscribeFilter::new(format!("{}{}", r.remote_prefix, r.topic), qos)
+        });
+        client.try_subscribe_many(filters)
+    }
+
+    /// A notification from the local broker: the confirmation of a hand-off.
+    fn on_broker(
+        &mut self,
+        next: Result<Option<Notification>, LinkError>,
+        handed: &mut Handed,
+        pipeline: &mut Pipeline,
+    ) -> Result<(), DownlinkError> {
+        let next = next.map_err(|e| DownlinkError::Link(e.to_string()))?;
+        // rumqttd does not export its Ack type; its Packet form is public.
+        match next.and_then(Option::<RouterPacket>::from) {
+            Some(RouterPacket::PubAck(ack, _)) => {
+                if let Some(key) = pipeline.confirmed(ack.pkid) {
+                    inc(&self.health.counters.commands_delivered);
+                    handed.remember(key);
+                }
+                Ok(())
+            }
+            Some(RouterPacket::Disconnect(..)) => {
+                Err(DownlinkError::Link("disconnected by the broker".into()))
+            }
+            _ => Ok(()),
         }
     }
 
     async fn command(
         &mut self,
-        client: &AsyncClient,
         publish: Publish,
         handed: &mut Handed,
-        pkid: &mut u16,
+        pipeline: &mut Pipeline,
         bad_log: &mut RateLimit,
     ) -> Result<(), DownlinkError> {
         let counters = &self.health.counters;
         inc(&counters.commands_received);
         let key = Handed::key(&publish);
+        let done = |publish: Publish| Entry {
+            ack: Some(publish),
+            key,
+            stage: Stage::Done,
+            since: Instant::now(),
+        };
         if publish.dup && handed.contains(key) {
             inc(&counters.commands_duplicate);
             info!(topic = %publish.topic, "command redelivered by the cloud was already handed over; acknowledging it again");
-            let _ = client.try_ack(&publish);
+            pipeline.entries.push_back(done(publish));
             return Ok(());
         }
         if !publish.dup {
@@ -201,7 +344,7 @@ impl Downlink {
             inc(&counters.commands_failed);
             warn!(topic = %publish.topic, bytes = publish.payload.len(), limit,
                 "command larger than cloud.max_packet_size; acknowledged and dropped");
-            let _ = client.try_ack(&publish);
+            pipeline.entries.push_back(done(publish));
             return Ok(());
         }
         let Some(local) = self.local_topic(&publish.topic) else {
@@ -210,23 +353,24 @@ impl Downlink {
                 warn!(topic = %publish.topic, earlier_warnings_suppressed = held,
                     "command on a topic no [[downlink]] rule maps to a valid local topic; acknowledged and dropped");
             }
-            let _ = client.try_ack(&publish);
+            pipeline.entries.push_back(done(publish));
             return Ok(());
         };
-        let started = Instant::now();
-        *pkid = pkid.checked_add(1).unwrap_or(1);
+        let pkid = pipeline.next_pkid();
         handoff(
             &mut self.link,
             &local,
             publish.payload.clone(),
             publish.retain,
-            *pkid,
+            pkid,
         )
         .await?;
-        inc(&counters.commands_delivered);
-        handed.insert(key);
-        let _ = client.try_ack(&publish);
-        tracing::debug!(topic = %local, took = ?started.elapsed(), "command handed to the local broker");
+        pipeline.entries.push_back(Entry {
+            ack: Some(publish),
+            key,
+            stage: Stage::AtBroker(pkid),
+            since: Instant::now(),
+        });
         Ok(())
     }
 
@@ -243,7 +387,7 @@ impl Downlink {
     }
 }
 
-/// Publishes into the local broker at QoS 1 and waits for the broker's PUBACK.
+/// Publishes into the local broker at QoS 1; its PUBACK comes back on the link.
 async fn handoff(
     link: &mut Link,
     topic: &str,
@@ -260,37 +404,30 @@ async fn handoff(
     raw.extend_from_slice(topic.as_bytes());
     raw.extend_from_slice(&payload);
     let publish = rumqttd::protocol::Publish::deserialize(raw.freeze());
-    let link_err = |e: LinkError| DownlinkError::Link(e.to_string());
     link.tx
         .send(RouterPacket::Publish(publish, None))
         .await
-        .map_err(link_err)?;
-    let deadline = tokio::time::Instant::now() + HANDOFF_TIMEOUT;
-    loop {
-        let next = tokio::time::timeout_at(deadline, link.next())
-            .await
-            .map_err(|_| DownlinkError::HandoffTimeout(HANDOFF_TIMEOUT))?
-            .map_err(link_err)?;
-        // rumqttd does not export its Ack type; its Packet form is public.
-        match next.and_then(Option::<RouterPacket>::from) {
-            Some(RouterPacket::PubAck(ack, _)) if ack.pkid == pkid => return Ok(()),
-            Some(RouterPacket::Disconnect(..)) => {
-                return Err(DownlinkError::Link("disconnected by the broker".into()))
-            }
-            _ => {}
-        }
-    }
+        .map(|_| ())
+        .map_err(|e| DownlinkError::Link(e.to_string()))
 }
 
 /// Commands recently handed over, by packet id, topic and payload, kept in `commands.db` in
 /// the data directory so that a redelivery after a gateway restart (the PUBACK was lost with
-/// the process) is recognised too.
+/// the process) is recognised too. The recorder thread owns the file.
 struct Handed {
     /// How many hand-offs are remembered (the newest).
     limit: usize,
-    db: Option<rusqlite::Connection>,
     set: HashSet<u64>,
     order: VecDeque<u64>,
+    recorder: Option<flume::Sender<Record>>,
+    /// Recorder batches that are durable, in order.
+    done: mpsc::UnboundedReceiver<u64>,
+    done_tx: mpsc::UnboundedSender<u64>,
+}
+
+enum Record {
+    Insert { batch: u64, keys: Vec<u64> },
+    Forget(u64),
 }
 
 impl Handed {
@@ -298,18 +435,30 @@ impl Handed {
     /// remembered in memory only, and the error is logged.
     fn open(data_dir: &Path, limit: usize) -> Handed {
         let path = data_dir.join("commands.db");
+        let (done_tx, done) = mpsc::unbounded_channel();
         let mut handed = Handed {
             limit,
-            db: None,
             set: HashSet::new(),
             order: VecDeque::new(),
+            recorder: None,
+            done,
+            done_tx,
         };
-        match Self::load(&path, limit) {
-            Ok((db, keys)) => {
+        let opened = Self::load(&path, limit).and_then(|(db, keys)| {
+            let (tx, rx) = flume::unbounded();
+            let done = handed.done_tx.clone();
+            std::thread::Builder::new()
+                .name("commands-db".into())
+                .spawn(move || record(db, limit, rx, done))
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            Ok((tx, keys))
+        });
+        match opened {
+            Ok((tx, keys)) => {
                 for key in keys {
                     handed.remember(key);
                 }
-                handed.db = Some(db);
+                handed.recorder = Some(tx);
             }
             Err(e) => warn!(path = %path.display(), error = %e,
                 "cannot keep the record of handed-over commands on disk; after a restart a redelivered command may be published twice"),
@@ -344,21 +493,15 @@ impl Handed {
         self.set.contains(&key)
     }
 
-    /// Records a hand-off, on disk before the cloud gets its PUBACK.
-    fn insert(&mut self, key: u64) {
-        if !self.remember(key) {
-            return;
-        }
-        if let Some(db) = &self.db {
-            let result = tokio::task::block_in_place(|| {
-                db.prepare_cached("INSERT INTO handed (key) VALUES (?1)")?
-                    .execute([key as i64])?;
-                db.prepare_cached("DELETE FROM handed WHERE seq <= last_insert_rowid() - ?1")?
-                    .execute([self.limit as i64])
-            });
-            if let Err(e) = result {
-                warn!(error = %e, "recording a handed-over command on disk failed");
-            }
+    /// Has the keys of a batch written; `done` yields the batch once it is durable (at once
+    /// when there is no file).
+    fn record(&mut self, batch: u64, keys: Vec<u64>) {
+        let sent = match &self.recorder {
+            Some(tx) => tx.send(Record::Insert { batch, keys }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            let _ = self.done_tx.send(batch);
         }
     }
 
@@ -368,20 +511,14 @@ impl Handed {
             return;
         }
         self.order.retain(|k| *k != key);
-        if let Some(db) = &self.db {
-            let result = tokio::task::block_in_place(|| {
-                db.prepare_cached("DELETE FROM handed WHERE key = ?1")?
-                    .execute([key as i64])
-            });
-            if let Err(e) = result {
-                warn!(error = %e, "removing a command from the on-disk record failed");
-            }
+        if let Some(tx) = &self.recorder {
+            let _ = tx.send(Record::Forget(key));
         }
     }
 
-    fn remember(&mut self, key: u64) -> bool {
+    fn remember(&mut self, key: u64) {
         if !self.set.insert(key) {
-            return false;
+            return;
         }
         self.order.push_back(key);
         if self.order.len() > self.limit {
@@ -389,7 +526,51 @@ impl Handed {
                 self.set.remove(&old);
             }
         }
-        true
+    }
+}
+
+/// The recorder thread: everything queued is written in one transaction (group commit), then
+/// its batches are reported durable, in order.
+fn record(
+    mut db: rusqlite::Connection,
+    limit: usize,
+    rx: flume::Receiver<Record>,
+    done: mpsc::UnboundedSender<u64>,
+) {
+    while let Ok(first) = rx.recv() {
+        let mut work = vec![first];
+        work.extend(rx.try_iter());
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = db.transaction()?;
+            for item in &work {
+                match item {
+                    Record::Insert { keys, .. } => {
+                        let mut insert =
+                            tx.prepare_cached("INSERT INTO handed (key) VALUES (?1)")?;
+                        for key in keys {
+                            insert.execute([*key as i64])?;
+                        }
+                    }
+                    Record::Forget(key) => {
+                        tx.prepare_cached("DELETE FROM handed WHERE key = ?1")?
+                            .execute([*key as i64])?;
+                    }
+                }
+            }
+            tx.prepare_cached("DELETE FROM handed WHERE seq <= last_insert_rowid() - ?1")?
+                .execute([limit as i64])?;
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            warn!(error = %e, "recording handed-over commands on disk failed; a redelivery after a restart may be published twice");
+        }
+        for item in work {
+            if let Record::Insert { batch, .. } = item {
+                if done.send(batch).is_err() {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -407,7 +588,16 @@ mod tests {
         p
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    /// Remembers the keys and waits until their record is durable.
+    async fn hand_over(handed: &mut Handed, batch: u64, keys: Vec<u64>) {
+        for key in &keys {
+            handed.remember(*key);
+        }
+        handed.record(batch, keys);
+        assert_eq!(handed.done.recv().await, Some(batch));
+    }
+
+    #[tokio::test]
     async fn handed_over_commands_are_remembered_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let (on, off) = (
@@ -416,7 +606,7 @@ mod tests {
         );
         assert_ne!(on, off);
         let mut handed = Handed::open(dir.path(), 8);
-        handed.insert(on);
+        hand_over(&mut handed, 1, vec![on]).await;
         assert!(handed.contains(on));
         drop(handed);
         let handed = Handed::open(dir.path(), 8);
@@ -424,12 +614,13 @@ mod tests {
         assert!(!handed.contains(off));
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    #[tokio::test]
     async fn the_record_keeps_only_the_newest_commands() {
         let dir = tempfile::tempdir().unwrap();
         let mut handed = Handed::open(dir.path(), 8);
         for pkid in 0..18u32 {
-            handed.insert(Handed::key(&command(pkid as u16, &pkid.to_string())));
+            let key = Handed::key(&command(pkid as u16, &pkid.to_string()));
+            hand_over(&mut handed, u64::from(pkid) + 1, vec![key]).await;
         }
         assert_eq!(handed.set.len(), 8);
         let reopened = Handed::open(dir.path(), 8);
@@ -437,5 +628,22 @@ mod tests {
         assert!(!reopened.contains(Handed::key(&command(9, "9"))));
         assert!(reopened.contains(Handed::key(&command(10, "10"))));
         assert!(reopened.contains(Handed::key(&command(17, "17"))));
+    }
+
+    #[tokio::test]
+    async fn several_commands_are_recorded_in_one_batch_and_reported_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut handed = Handed::open(dir.path(), 64);
+        let keys: Vec<u64> = (0..20).map(|i| Handed::key(&command(i, "ON"))).collect();
+        for key in &keys {
+            handed.remember(*key);
+        }
+        handed.record(1, keys[..10].to_vec());
+        handed.record(2, keys[10..].to_vec());
+        assert_eq!(handed.done.recv().await, Some(1));
+        assert_eq!(handed.done.recv().await, Some(2));
+        drop(handed);
+        let reopened = Handed::open(dir.path(), 64);
+        assert!(keys.iter().all(|k| reopened.contains(*k)));
     }
 }

@@ -104,6 +104,7 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         uplink::Uplink {
             cloud: cloud.clone(),
             outbox: outbox.clone(),
+            report_every: (config.queue.commit_interval / 4).min(Duration::from_millis(50)),
             health: health.clone(),
             shutdown: shutdown.clone(),
         }

@@ -10,26 +10,30 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, ConnectReturnCode, Event, EventLoop, LastWill, Outgoing, Packet, QoS};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::cloud::{error_chain, CloudLink};
 use crate::health::{add, LinkState, SharedHealth};
 use crate::outbox::{Delivered, OutboxHandle, Row};
 
-/// Messages (and bytes of topic plus payload) fetched from the outbox ahead of the window.
+/// Messages (and bytes of topic plus payload) the outbox may send ahead of the window; the
+/// uplink gives credit back in halves.
 const PREFETCH: usize = 2048;
 const PREFETCH_BYTES: usize = 8 << 20;
 /// Deliveries are reported to the outbox in batches of this many, or after
-/// `DELIVERED_EVERY`: either is far inside `queue.commit_interval`.
+/// [`Uplink::report_every`].
 const DELIVERED_BATCH: usize = 256;
-const DELIVERED_EVERY: Duration = Duration::from_millis(5);
 /// How long a clean shutdown waits for the cloud to acknowledge `offline`.
 const OFFLINE_ACK_WAIT: Duration = Duration::from_millis(1500);
 
 pub struct Uplink {
     pub cloud: CloudLink,
     pub outbox: OutboxHandle,
+    /// How long a delivery may wait before it is reported to the outbox: well inside
+    /// `queue.commit_interval`, so a delivered message is not written to disk, and long
+    /// enough that at low rates one report covers several messages.
+    pub report_every: Duration,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
 }
@@ -75,9 +79,11 @@ const POISON_LOSSES: u32 = 5;
 /// Connections lost right after the same message was sent alone, in a row, before that
 /// message is taken for one the cloud refuses and dead-lettered.
 const STRIKES: u32 = 3;
-/// "Right after": within this many round trips of the status message on the same
-/// connection (at least `STRIKE_MIN`). A cloud refusing a packet closes at once; a link
-/// that flaps or a cloud that is merely slow does not land in so narrow a window every time.
+/// The test window W: this many round trips of the status message on the same connection,
+/// at least `STRIKE_MIN`. While probing, a connection must first carry the status message
+/// and then stay up for W with nothing in flight (the link is sound); only then is the
+/// suspect sent alone, and a loss within W of that is a strike. A cloud refusing a packet
+/// closes at once; a flapping link or a slow cloud fails the first half of the test instead.
 const STRIKE_RTTS: u32 = 4;
 const STRIKE_MIN: Duration = Duration::from_millis(200);
 /// Messages acknowledged one at a time after which the link is trusted with the full window.
@@ -86,8 +92,9 @@ const PROBE_CLEAR: u64 = 32;
 /// Finding a message the cloud refuses, without ever dead-lettering a good one. With the
 /// full window the culprit may be any message in flight, so after repeated losses with
 /// nothing acknowledged messages go one at a time; a message is dead-lettered only after
-/// it was alone in flight on `STRIKES` connections in a row that each worked until it was
-/// sent and closed right after. Losses for any other reason are link trouble.
+/// it was alone in flight on `STRIKES` connections in a row that each proved sound until it
+/// was sent and closed right after (see `STRIKE_RTTS`). Losses for any other reason are
+/// link trouble.
 #[derive(Debug, Default)]
 struct Poison {
     suspect: Option<(i64, u32)>,
@@ -262,21 +269,28 @@ impl Uplink {
             window.sent.push_back(Sent::Status);
         }
         let mut buffer: VecDeque<Row> = VecDeque::new();
-        let mut fetch: Option<oneshot::Receiver<Vec<Row>>> = None;
-        let mut delivered = Deliveries::default();
+        let Ok(mut feed) = self
+            .outbox
+            .subscribe(session, PREFETCH, PREFETCH_BYTES)
+            .await
+        else {
+            return End::Shutdown;
+        };
+        let mut taken = (0usize, 0usize);
+        let mut delivered = Deliveries::new(self.report_every);
         loop {
-            if fetch.is_none() && buffer.len() < PREFETCH / 2 {
-                match self
-                    .outbox
-                    .fetch(session, PREFETCH - buffer.len(), PREFETCH_BYTES)
-                    .await
-                {
-                    Ok(rx) => fetch = Some(rx),
-                    Err(_) => return End::Shutdown,
-                }
+            if (taken.0 >= PREFETCH / 2 || taken.1 >= PREFETCH_BYTES / 2)
+                && self.outbox.credit(session, taken.0, taken.1).await.is_err()
+            {
+                return End::Shutdown;
+            }
+            if taken.0 >= PREFETCH / 2 || taken.1 >= PREFETCH_BYTES / 2 {
+                taken = (0, 0);
             }
             while window.has_room() {
                 let Some(row) = buffer.pop_front() else { break };
+                taken.0 += 1;
+                taken.1 += row.topic.len() + row.payload.len();
                 let size = packet_size(&row.topic, row.payload.len(), row.qos);
                 if size > c.max_packet_size {
                     let reason = format!(
@@ -331,14 +345,11 @@ impl Uplink {
                     }
                     Err(e) => return self.lost(&mut window, &mut delivered, error_chain(&e)).await,
                 },
-                rows = async { fetch.as_mut().expect("guarded by is_some").await }, if fetch.is_some() => {
-                    fetch = None;
-                    // An error: the outbox replaced this request or is stopping; the next
-                    // turn asks again (and finds out which).
-                    if let Ok(rows) = rows {
-                        buffer.extend(rows);
-                    }
-                }
+                rows = feed.recv() => match rows {
+                    Some(rows) => buffer.extend(rows),
+                    None => return End::Shutdown,
+                },
+                _ = tokio::time::sleep_until(window.hold_end()), if window.holding() => {}
                 _ = tokio::time::sleep_until(delivered.due()), if !delivered.list.is_empty() => {
                     if self.report(&mut delivered).await.is_err() {
                         return End::Shutdown;
@@ -412,13 +423,21 @@ impl Uplink {
 }
 
 /// Deliveries not yet reported to the outbox, and since when the oldest waits.
-#[derive(Default)]
 struct Deliveries {
     list: Vec<Delivered>,
     since: Option<tokio::time::Instant>,
+    every: Duration,
 }
 
 impl Deliveries {
+    fn new(every: Duration) -> Self {
+        Deliveries {
+            list: Vec::new(),
+            since: None,
+            every,
+        }
+    }
+
     fn push(&mut self, d: Delivered) {
         if self.list.is_empty() {
             self.since = Some(tokio::time::Instant::now());
@@ -427,7 +446,7 @@ impl Deliveries {
     }
 
     fn due(&self) -> tokio::time::Instant {
-        self.since.unwrap_or_else(tokio::time::Instant::now) + DELIVERED_EVERY
+        self.since.unwrap_or_else(tokio::time::Instant::now) + self.every
     }
 }
 
@@ -445,6 +464,9 @@ struct Window {
     status_rtt: Option<Duration>,
     /// With a window of one: the message in flight and when it went out.
     alone: Option<(i64, Instant)>,
+    /// With a window of one: nothing is sent before this (the connection proves itself
+    /// idle first); set once the status message is acknowledged.
+    hold: Option<Instant>,
 }
 
 impl Window {
@@ -458,11 +480,27 @@ impl Window {
             status_out: None,
             status_rtt: None,
             alone: None,
+            hold: None,
         }
     }
 
     fn has_room(&self) -> bool {
         self.sent.len() + self.inflight.len() < self.size
+            && self.hold.is_none_or(|until| Instant::now() >= until)
+    }
+
+    fn holding(&self) -> bool {
+        self.hold.is_some_and(|until| Instant::now() < until)
+    }
+
+    fn hold_end(&self) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.hold.unwrap_or_else(Instant::now))
+    }
+
+    /// The strike window W of this connection, once its status message came back.
+    fn strike_window(&self) -> Option<Duration> {
+        self.status_rtt
+            .map(|rtt| (rtt * STRIKE_RTTS).max(STRIKE_MIN))
     }
 
     fn on_event(&mut self, event: Event, delivered: &mut Deliveries) {
@@ -497,6 +535,9 @@ impl Window {
                 }
                 Some(InFlight::Status) if self.status_rtt.is_none() => {
                     self.status_rtt = self.status_out.map(|at| at.elapsed());
+                    if self.size == 1 {
+                        self.hold = self.strike_window().map(|w| Instant::now() + w);
+                    }
                 }
                 _ => {}
             },
@@ -514,10 +555,8 @@ impl Window {
             Sent::Row(d, _) => Some(d.id),
             Sent::Status => None,
         });
-        let alone = match (self.alone, self.status_rtt) {
-            (Some((id, at)), Some(rtt)) if at.elapsed() <= (rtt * STRIKE_RTTS).max(STRIKE_MIN) => {
-                Some(id)
-            }
+        let alone = match (self.alone, self.strike_window()) {
+            (Some((id, at)), Some(window)) if at.elapsed() <= window => Some(id),
             _ => None,
         };
         End::Lost {

@@ -194,3 +194,60 @@ async fn a_command_burst_during_a_telemetry_burst_is_delivered_promptly() {
     );
     collector.deliveries().assert_exactly(&expected);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redelivered_after_a_crash_is_not_published_twice() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let link = Proxy::start(cloud.port).await;
+    let mut gateway = Gateway::start(GatewayConfig::new(link.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    let mut fan = LocalSubscriber::connect(
+        gateway.local_port,
+        "fan-actuator",
+        true,
+        Some((FAN, QoS::AtLeastOnce)),
+    )
+    .await;
+
+    // The gateway's PUBACK never reaches the cloud, which will redeliver the command.
+    link.mute();
+    send_commands(cloud.port, &["ON"]).await;
+    let command = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("the fan got no command");
+    assert_eq!(command.payload, "ON");
+    gateway
+        .wait_status(Duration::from_secs(5), "handing the command over", |s| {
+            counter(s, "commands_delivered") == 1
+        })
+        .await;
+    // Its record is written and its (lost) PUBACK sent well within this.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    gateway.kill9();
+    drop(fan);
+
+    link.cut();
+    link.unmute();
+    gateway.start_again();
+    let mut fan = LocalSubscriber::connect(
+        gateway.local_port,
+        "fan-actuator",
+        true,
+        Some((FAN, QoS::AtLeastOnce)),
+    )
+    .await;
+    link.restore();
+    gateway
+        .wait_status(Duration::from_secs(15), "recognising the redelivery", |s| {
+            counter(s, "commands_duplicate") == 1
+        })
+        .await;
+    assert!(
+        fan.recv(Duration::from_secs(1)).await.is_none(),
+        "the redelivered command was published again"
+    );
+    let status = gateway.status().expect("status.json");
+    assert_eq!(counter(&status, "commands_delivered"), 0, "{status}");
+}

@@ -258,3 +258,279 @@ async fn a_gateway_without_downlink_rules_forwards_and_keeps_running() {
     let (status, _) = gateway.terminate();
     assert!(status.success(), "exit status {status}");
 }
+
+/// Sequenced messages `id:000000`, `id:000001`, ... on the local `topic`.
+struct Sequence {
+    cloud_topic: String,
+    payloads: Vec<String>,
+    messages: Vec<(String, Vec<u8>)>,
+}
+
+fn sequence(topic: &str, id: &str, n: usize) -> Sequence {
+    let payloads: Vec<String> = (0..n).map(|i| support::seq_payload(id, i)).collect();
+    let messages = payloads
+        .iter()
+        .map(|p| (topic.to_string(), p.clone().into_bytes()))
+        .collect();
+    Sequence {
+        cloud_topic: format!("{}{topic}", support::CLOUD_PREFIX),
+        payloads,
+        messages,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_with_a_slow_cloud_loses_nothing_older_than_commit_interval() {
+    let _serial = support::serial().await;
+    const COMMIT_INTERVAL: Duration = Duration::from_millis(500);
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let link = Proxy::start(cloud.port).await;
+    let mut gateway =
+        Gateway::start(config(link.port).set_str("queue", "commit_interval", "500ms"));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    // Acknowledgements now come 2 s late: every message outlives commit_interval unacked.
+    link.slow_down(Duration::from_secs(2));
+
+    let Sequence {
+        cloud_topic: topic,
+        payloads,
+        messages,
+    } = sequence("warehouse/load/sensor", "sensor", 400);
+    let sent = support::publish_paced(
+        gateway.local_port,
+        "sensor",
+        support::QoS::AtLeastOnce,
+        messages,
+        Duration::from_millis(10),
+    )
+    .await;
+    gateway.kill9();
+    let killed = Instant::now();
+    link.slow_down(Duration::ZERO);
+    gateway.start_again();
+
+    // Accepted (PUBACKed locally, a little after being sent) more than commit_interval
+    // before the kill, with a margin for a loaded machine: must be in the cloud.
+    let margin = Duration::from_millis(200);
+    let must = sent
+        .iter()
+        .take_while(|at| killed.duration_since(**at) > COMMIT_INTERVAL + margin)
+        .count();
+    assert!(
+        must > 300,
+        "only {must} messages were older than the window"
+    );
+    assert!(
+        collector
+            .wait_for_count(must, Duration::from_secs(30))
+            .await,
+        "only {} of the {must} messages older than commit_interval reached the cloud",
+        collector.distinct()
+    );
+    // Give the rest (if on disk) time to arrive, then check order and what was lost.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let deliveries = collector.deliveries();
+    let got = deliveries.first.get(&topic).cloned().unwrap_or_default();
+    assert_eq!(
+        got[..],
+        payloads[..got.len()],
+        "first deliveries are not the sent sequence"
+    );
+    println!(
+        "{} of 400 delivered after kill -9 ({} were older than commit_interval + margin; \
+         lost: {}, all newer than that), {} duplicates",
+        got.len(),
+        must,
+        400 - got.len(),
+        deliveries.duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flapping_link_with_a_slow_cloud_dead_letters_nothing() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let link = Proxy::start(cloud.port).await;
+    let gateway = Gateway::start(config(link.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    // Acknowledgements take most of a connection's short life: connections often end with
+    // nothing acknowledged, which is what makes a good message look refused.
+    link.slow_down(Duration::from_millis(400));
+
+    let devices = tokio::spawn(telemetry_burst(
+        gateway.local_port,
+        2,
+        1_000,
+        Duration::from_millis(20),
+    ));
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        link.cut();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        link.restore();
+    }
+    link.slow_down(Duration::ZERO);
+    let expected = devices.await.expect("devices");
+    assert!(
+        collector
+            .wait_for_count(2_000, Duration::from_secs(60))
+            .await,
+        "only {} of 2000 reached the cloud after the flapping stopped:\n{}",
+        collector.distinct(),
+        gateway.log()
+    );
+    collector.deliveries().assert_exactly(&expected);
+    let status = gateway.status().expect("status.json");
+    assert_eq!(
+        support::counter(&status, "dead_lettered"),
+        0,
+        "a good message was dead-lettered: {status}"
+    );
+    println!(
+        "{} connections through the flapping link, {} duplicates",
+        link.connections(),
+        collector.deliveries().duplicates
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_first_rule_sends_new_readings_ahead_of_the_backlog() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let link = Proxy::start(cloud.port).await;
+    let live_first = "[[uplink]]\n\
+         topic = \"warehouse/alarm/#\"\n\
+         remote_prefix = \"fleet/{gateway_id}/\"\n\
+         drain = \"live-first\"\n";
+    // The live-first rule comes first: the first matching rule decides.
+    let gateway = Gateway::start(
+        GatewayConfig::new(link.port)
+            .set("cloud", "max_inflight", &MAX_INFLIGHT.to_string())
+            .prepend_rule(live_first),
+    );
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    link.cut();
+    let backlog = telemetry_burst(gateway.local_port, 4, 20_000, Duration::ZERO).await;
+    let old = sequence("warehouse/alarm/old", "old", 500);
+    let alarm_topic = old.cloud_topic;
+    support::publish_all(
+        gateway.local_port,
+        "alarm-old",
+        support::QoS::AtLeastOnce,
+        old.messages,
+    )
+    .await;
+    gateway
+        .wait_status(Duration::from_secs(20), "holding the backlog", |s| {
+            support::counter(s, "enqueued") == 80_500
+        })
+        .await;
+
+    link.restore();
+    gateway
+        .wait_status(Duration::from_secs(10), "linked again", |s| {
+            s["cloud"]["telemetry"] == "up"
+        })
+        .await;
+    let Sequence {
+        cloud_topic: live_topic,
+        payloads: live_payloads,
+        messages: live,
+    } = sequence("warehouse/alarm/live", "live", 20);
+    let sent = support::publish_paced(
+        gateway.local_port,
+        "alarm-live",
+        support::QoS::AtLeastOnce,
+        live,
+        Duration::from_millis(100),
+    )
+    .await;
+    assert!(
+        collector
+            .wait_for_count(80_520, Duration::from_secs(60))
+            .await,
+        "only {} of 80520 reached the cloud",
+        collector.distinct()
+    );
+    let messages = collector.messages();
+    let backlog_done = messages
+        .iter()
+        .filter(|m| m.topic.contains("/load/"))
+        .map(|m| m.at)
+        .max()
+        .expect("backlog delivered");
+    let mut latencies = Vec::new();
+    for (payload, at) in live_payloads.iter().zip(&sent) {
+        let arrived = messages
+            .iter()
+            .find(|m| m.topic == live_topic && &m.payload == payload)
+            .expect("live alarm delivered")
+            .at;
+        latencies.push((arrived.duration_since(*at), arrived < backlog_done));
+    }
+    let during: Vec<Duration> = latencies
+        .iter()
+        .filter(|(_, during)| *during)
+        .map(|(l, _)| *l)
+        .collect();
+    let worst = latencies.iter().map(|(l, _)| *l).max().unwrap_or_default();
+    println!(
+        "live alarms: {} of 20 arrived while the backlog drained; worst latency {worst:?}",
+        during.len()
+    );
+    assert!(
+        !during.is_empty(),
+        "no live alarm arrived while the backlog drained"
+    );
+    assert!(
+        worst < Duration::from_secs(1),
+        "a live alarm took {worst:?}"
+    );
+    // The strict rule's backlog keeps its order; the live-first rule's old alarms all arrive.
+    let deliveries = collector.deliveries();
+    let mut expected = backlog;
+    expected.insert(live_topic.clone(), deliveries.first[&live_topic].clone());
+    expected.insert(alarm_topic.clone(), deliveries.first[&alarm_topic].clone());
+    deliveries.assert_exactly(&expected);
+    assert_eq!(deliveries.first[&alarm_topic].len(), 500);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_100_messages_a_second_on_a_healthy_link_the_gateway_spares_the_disk() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    // The shipped commit_interval; status every 10 s as shipped.
+    let gateway = Gateway::start(
+        config(cloud.port)
+            .set_str("queue", "commit_interval", "1s")
+            .set_str("gateway", "metrics_interval", "10s"),
+    );
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+
+    let before = gateway.write_bytes();
+    let messages = sequence("warehouse/load/sensor", "sensor", 800).messages;
+    support::publish_paced(
+        gateway.local_port,
+        "sensor",
+        support::QoS::AtLeastOnce,
+        messages,
+        Duration::from_millis(10),
+    )
+    .await;
+    assert!(collector.wait_for_count(800, Duration::from_secs(20)).await);
+    let written = gateway.write_bytes() - before;
+    println!(
+        "100 msg/s for 8 s: {written} bytes written, {} per message",
+        written / 800
+    );
+    // The target is 10 bytes per message (scripts/bench measures it exactly); a status
+    // file rewrite is 4 KiB, and one commit of a slow moment a few more.
+    assert!(
+        written <= 800 * 50,
+        "{written} bytes written for 800 messages"
+    );
+}

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rangemap::RangeInclusiveSet;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
 use crate::config::{QueueConfig, WhenFull};
@@ -87,21 +87,29 @@ pub enum OutboxError {
     Closed,
 }
 
-/// A request for the next messages to send. It is answered as soon as there is at least one
-/// (at once, or when one arrives).
-struct FetchRequest {
+/// The uplink's subscription for one connection: messages flow to it as they come, as long
+/// as it has credit (rows and bytes it can still take), so a slow link bounds memory.
+struct Feed {
     /// The uplink's connection: a new one starts over from the oldest message.
     session: u64,
-    limit: usize,
-    max_bytes: usize,
-    reply: oneshot::Sender<Vec<Row>>,
+    tx: mpsc::UnboundedSender<Vec<Row>>,
+    rows: usize,
+    bytes: usize,
 }
 
 enum Command {
     Push(Vec<NewMessage>),
-    Fetch(FetchRequest),
+    Subscribe(Feed),
+    Credit {
+        session: u64,
+        rows: usize,
+        bytes: usize,
+    },
     Delivered(Vec<Delivered>),
-    DeadLetter { id: i64, reason: String },
+    DeadLetter {
+        id: i64,
+        reason: String,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -117,24 +125,35 @@ impl OutboxHandle {
         self.send(Command::Push(messages)).await
     }
 
-    /// Asks for up to `limit` messages (and about `max_bytes` of topic plus payload) not yet
-    /// handed out in `session`, oldest first (live-first rules' new messages before their
-    /// backlog). The answer comes when there is at least one; a newer request replaces it.
-    pub async fn fetch(
+    /// Starts a session (one cloud connection): messages not yet handed out in it come on
+    /// the returned channel, oldest first (live-first rules' new messages before their
+    /// backlog), up to `rows` messages and about `bytes` of topic plus payload until
+    /// [`credit`](Self::credit) gives more. A new session replaces the previous one.
+    pub async fn subscribe(
         &self,
         session: u64,
-        limit: usize,
-        max_bytes: usize,
-    ) -> Result<oneshot::Receiver<Vec<Row>>, OutboxError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Fetch(FetchRequest {
+        rows: usize,
+        bytes: usize,
+    ) -> Result<mpsc::UnboundedReceiver<Vec<Row>>, OutboxError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.send(Command::Subscribe(Feed {
             session,
-            limit,
-            max_bytes,
-            reply,
+            tx,
+            rows,
+            bytes,
         }))
         .await?;
         Ok(rx)
+    }
+
+    /// The uplink has taken `rows` messages (`bytes` of topic plus payload) off its feed.
+    pub async fn credit(&self, session: u64, rows: usize, bytes: usize) -> Result<(), OutboxError> {
+        self.send(Command::Credit {
+            session,
+            rows,
+            bytes,
+        })
+        .await
     }
 
     /// The cloud has these messages: they may go.
@@ -224,7 +243,14 @@ struct Cursor {
     next: i64,
     /// Ids above `next` handed out early (live-first) and since written to disk.
     ahead: BTreeSet<i64>,
+    /// Live-first messages that arrived during this session and were written to disk
+    /// before they could be handed out: still live, they go ahead of the backlog.
+    live: BTreeSet<i64>,
 }
+
+/// At most this many spilled live-first messages are tracked per session; beyond it they
+/// wait in the backlog's order.
+const LIVE_TRACKED: usize = 100_000;
 
 /// Memory the outbox may hold before it writes regardless of `commit_interval`.
 const HELD_MAX_BYTES: u64 = 16 << 20;
@@ -252,7 +278,7 @@ struct Owner {
     gone_since: Option<Instant>,
     dead: Vec<(Row, String)>,
     cursor: Cursor,
-    parked: Option<FetchRequest>,
+    feed: Option<Feed>,
     next_expiry: Instant,
     clock_saved: Instant,
     /// Gateway-clock ms of the oldest message, as of the last gauge update.
@@ -284,7 +310,7 @@ impl Owner {
             gone_since: None,
             dead: Vec::new(),
             cursor: Cursor::default(),
-            parked: None,
+            feed: None,
             next_expiry: Instant::now(),
             clock_saved: Instant::now(),
             oldest_ts: None,
@@ -307,7 +333,7 @@ impl Owner {
             match command {
                 Ok(Command::Push(messages)) => {
                     self.accept(messages);
-                    self.answer_parked();
+                    self.feed();
                     if self.held_rows > self.config.commit_batch as u64
                         || self.held_bytes > HELD_MAX_BYTES
                     {
@@ -315,15 +341,24 @@ impl Owner {
                     }
                     self.update_gauges(false);
                 }
-                Ok(Command::Fetch(request)) => {
-                    if request.session != self.cursor.session {
-                        self.cursor = Cursor {
-                            session: request.session,
-                            ..Cursor::default()
-                        };
+                Ok(Command::Subscribe(feed)) => {
+                    self.cursor = Cursor {
+                        session: feed.session,
+                        ..Cursor::default()
+                    };
+                    self.feed = Some(feed);
+                    self.feed();
+                }
+                Ok(Command::Credit {
+                    session,
+                    rows,
+                    bytes,
+                }) => {
+                    if let Some(feed) = self.feed.as_mut().filter(|f| f.session == session) {
+                        feed.rows += rows;
+                        feed.bytes += bytes;
+                        self.feed();
                     }
-                    self.parked = Some(request);
-                    self.answer_parked();
                 }
                 Ok(Command::Delivered(messages)) => {
                     for m in messages {
@@ -597,20 +632,28 @@ impl Owner {
         }
     }
 
-    fn answer_parked(&mut self) {
-        let Some(request) = self.parked.take() else {
+    /// Sends the uplink what it has credit for.
+    fn feed(&mut self) {
+        let Some(feed) = self.feed.take() else {
             return;
         };
-        if request.reply.is_closed() {
+        if feed.tx.is_closed() {
             return;
         }
-        let rows = self.issue(request.limit, request.max_bytes);
-        if rows.is_empty() {
-            self.parked = Some(request);
-        } else if let Err(rows) = request.reply.send(rows) {
-            // The uplink's connection ended meanwhile; the next session starts over.
-            debug!(rows = rows.len(), "fetch answered after its session ended");
+        let mut feed = feed;
+        if feed.rows > 0 && feed.bytes > 0 {
+            let rows = self.issue(feed.rows, feed.bytes);
+            if !rows.is_empty() {
+                feed.rows -= rows.len();
+                let bytes: usize = rows.iter().map(|r| r.topic.len() + r.payload.len()).sum();
+                feed.bytes = feed.bytes.saturating_sub(bytes);
+                if feed.tx.send(rows).is_err() {
+                    // The uplink's connection ended meanwhile; the next session starts over.
+                    return;
+                }
+            }
         }
+        self.feed = Some(feed);
     }
 
     /// The next messages for the uplink's session: live-first rules' messages in memory,
@@ -625,6 +668,29 @@ impl Owner {
             .last()
             .is_some_and(|last| last >= self.cursor.next);
         if backlog {
+            while !full(&out, bytes) {
+                let Some(id) = self.cursor.live.pop_first() else {
+                    break;
+                };
+                if !self.store.on_disk.contains(&id) {
+                    continue;
+                }
+                match self.store.read(id, 1) {
+                    Ok(rows) => {
+                        if let Some(row) = rows.into_iter().find(|r| r.id == id) {
+                            if id >= self.cursor.next {
+                                self.cursor.ahead.insert(id);
+                            }
+                            bytes += row.topic.len() + row.payload.len();
+                            out.push(row);
+                        }
+                    }
+                    Err(e) => {
+                        self.db_error("reading a live message to send", &e);
+                        break;
+                    }
+                }
+            }
             for held in self.held.iter_mut() {
                 if full(&out, bytes) {
                     break;
@@ -765,6 +831,7 @@ impl Owner {
     /// After a successful write, the first `count` held messages are on disk (or were gone).
     fn settle_spill(&mut self, count: usize, spilled: u64) {
         let mut run: Option<RangeInclusive<i64>> = None;
+        let linked = self.feed.as_ref().is_some_and(|f| !f.tx.is_closed());
         for held in self.held.drain(..count) {
             if held.state == HeldState::Gone {
                 continue;
@@ -774,8 +841,17 @@ impl Owner {
             self.store.rows += 1;
             self.store.bytes += held.message.size;
             // Handed out early (live-first) in this session: the ordered walk must skip it.
-            if held.state == HeldState::Issued(self.cursor.session) && held.id >= self.cursor.next {
+            // Not handed out yet but live-first: it stays ahead of the backlog.
+            let issued = held.state == HeldState::Issued(self.cursor.session);
+            if issued && held.id >= self.cursor.next {
                 self.cursor.ahead.insert(held.id);
+            } else if linked
+                && !issued
+                && held.message.lane == Lane::LiveFirst
+                && held.id >= self.cursor.next
+                && self.cursor.live.len() < LIVE_TRACKED
+            {
+                self.cursor.live.insert(held.id);
             }
             run = match run {
                 Some(r) if *r.end() + 1 == held.id => Some(*r.start()..=held.id),

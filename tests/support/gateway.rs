@@ -109,6 +109,13 @@ impl GatewayConfig {
         self
     }
 
+    /// Puts raw TOML (an `[[uplink]]` table, say) before the default rules, so that it is
+    /// the first to match.
+    pub fn prepend_rule(mut self, raw: &str) -> Self {
+        self.tail.insert(0, raw.to_string());
+        self
+    }
+
     /// Appends raw TOML after the rules (more `[[uplink]]` tables, say).
     pub fn append(mut self, raw: &str) -> Self {
         self.tail.push(raw.to_string());
@@ -213,11 +220,6 @@ impl Gateway {
             .and_then(|child| child.try_wait().expect("polling the gateway process"))
     }
 
-    /// The process id while the gateway runs (for /proc measurements).
-    pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
-    }
-
     pub fn is_running(&mut self) -> bool {
         self.child.is_some() && self.try_exit().is_none()
     }
@@ -250,6 +252,22 @@ impl Gateway {
         assert!(self.child.is_none(), "the gateway is still running");
         self.spawn();
         self.wait_ready();
+    }
+
+    /// The running process's id.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Bytes the gateway process has caused to be written to storage so far
+    /// (`write_bytes` of /proc/PID/io).
+    pub fn write_bytes(&self) -> u64 {
+        let pid = self.pid().expect("the gateway is not running");
+        let io = fs::read_to_string(format!("/proc/{pid}/io")).expect("reading /proc/PID/io");
+        io.lines()
+            .find_map(|l| l.strip_prefix("write_bytes: "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("write_bytes in /proc/PID/io")
     }
 
     /// Everything the gateway printed, across restarts.

@@ -21,6 +21,10 @@ const BLACKHOLE: Duration = Duration::from_millis(300);
 pub struct Proxy {
     pub port: u16,
     cut: watch::Sender<bool>,
+    /// Added to everything the target sends back (a slow cloud: late acknowledgements).
+    delay: watch::Sender<Duration>,
+    /// While set, what the gateway sends is swallowed (its acknowledgements are lost).
+    mute: watch::Sender<bool>,
     forwarded: Arc<AtomicUsize>,
     listener: JoinHandle<()>,
 }
@@ -33,6 +37,8 @@ impl Proxy {
             .expect("binding the proxy");
         let port = listener.local_addr().expect("proxy address").port();
         let (cut, cut_rx) = watch::channel(false);
+        let (delay, delay_rx) = watch::channel(Duration::ZERO);
+        let (mute, mute_rx) = watch::channel(false);
         let forwarded = Arc::new(AtomicUsize::new(0));
         let counter = forwarded.clone();
         let listener = tokio::spawn(async move {
@@ -44,12 +50,21 @@ impl Proxy {
                     drop(inbound);
                     continue;
                 }
-                tokio::spawn(forward(inbound, target, cut_rx.clone(), counter.clone()));
+                tokio::spawn(forward(
+                    inbound,
+                    target,
+                    cut_rx.clone(),
+                    delay_rx.clone(),
+                    mute_rx.clone(),
+                    counter.clone(),
+                ));
             }
         });
         Proxy {
             port,
             cut,
+            delay,
+            mute,
             forwarded,
             listener,
         }
@@ -63,6 +78,21 @@ impl Proxy {
     /// The link comes back.
     pub fn restore(&self) {
         self.cut.send_replace(false);
+    }
+
+    /// From now on, what the target sends arrives `delay` later (order kept).
+    pub fn slow_down(&self, delay: Duration) {
+        self.delay.send_replace(delay);
+    }
+
+    /// From now on (until [`unmute`](Self::unmute)), what the gateway sends is lost on the
+    /// way: the target never sees its acknowledgements.
+    pub fn mute(&self) {
+        self.mute.send_replace(true);
+    }
+
+    pub fn unmute(&self) {
+        self.mute.send_replace(false);
     }
 
     /// Connections that reached the target so far (none refused while cut, none the
@@ -83,6 +113,8 @@ async fn forward(
     inbound: TcpStream,
     target: u16,
     mut cut: watch::Receiver<bool>,
+    delay: watch::Receiver<Duration>,
+    mute: watch::Receiver<bool>,
     forwarded: Arc<AtomicUsize>,
 ) {
     let Ok(outbound) = TcpStream::connect(("127.0.0.1", target)).await else {
@@ -94,8 +126,8 @@ async fn forward(
     let (in_read, in_write) = inbound.into_split();
     let (out_read, out_write) = outbound.into_split();
     tokio::select! {
-        _ = pump(in_read, out_write, cut.clone()) => {}
-        _ = pump(out_read, in_write, cut.clone()) => {}
+        _ = pump(in_read, out_write, cut.clone(), mute) => {}
+        _ = pump_delayed(out_read, in_write, cut.clone(), delay) => {}
         _ = async {
             let _ = cut.wait_for(|cut| *cut).await;
             tokio::time::sleep(BLACKHOLE).await;
@@ -104,16 +136,54 @@ async fn forward(
     // Dropping both streams closes both directions at the same moment.
 }
 
-/// Copies one direction; once the link is cut, what arrives is lost.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, cut: watch::Receiver<bool>) {
+/// Copies one direction; once the link is cut (or while muted), what arrives is lost.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    cut: watch::Receiver<bool>,
+    mute: watch::Receiver<bool>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => n,
         };
-        if !*cut.borrow() && to.write_all(&buf[..n]).await.is_err() {
+        if !*cut.borrow() && !*mute.borrow() && to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
+}
+
+/// Like [`pump`], each chunk held back by the delay in force when it was read.
+async fn pump_delayed(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    cut: watch::Receiver<bool>,
+    delay: watch::Receiver<Duration>,
+) {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let due = tokio::time::Instant::now() + *delay.borrow();
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if !*cut.borrow() && to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    // The writer finishes what the reader queued before the peer's close, like a slow link.
+    tokio::join!(reader, writer);
 }
