@@ -481,7 +481,14 @@ pub async fn drain(setup: Setup, count: usize, live_first: bool, sizes: &Sizes) 
         .await;
     stop.store(true, Ordering::SeqCst);
     let live_sent = match live_device {
-        Some(task) => Some(task.await.expect("the live device panicked")),
+        Some(task) => {
+            let sent = task.await.expect("the live device panicked");
+            // The last live messages were accepted just now: give them their way up.
+            tally
+                .settle(&[LIVE], sent.acked_count(), sizes.quiet, sizes.max_wait)
+                .await;
+            Some(sent)
+        }
         None => None,
     };
     let after = local.sample();
