@@ -121,6 +121,10 @@ counters! {
     outbox_errors,
     /// Messages lost because the database refused them repeatedly (disk full, I/O errors).
     outbox_lost,
+    /// Times the outbox database was found damaged at start, moved aside and started anew.
+    outbox_damaged,
+    /// Dead letters deleted, oldest first, to keep the dead-letter table within its bound.
+    dead_letters_dropped,
     /// Field readings (Modbus values, serial-line values) published into the local broker.
     field_readings,
     /// Modbus transactions that failed (timeout, exception, CRC error, garbage, I/O), all devices.

@@ -64,6 +64,12 @@ fn run(path: &Path) -> ExitCode {
     };
     let health = Arc::new(bridgehead::Health::default());
     bridgehead::logging::init(health.clone());
+    // A file that reaches the process's size limit must fail the write (the outbox then
+    // refuses new messages and carries on), not kill the gateway with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to SIG_IGN has no preconditions.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     if rustls::crypto::ring::default_provider()
         .install_default()
         .is_err()

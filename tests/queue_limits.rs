@@ -1,5 +1,6 @@
 //! The outbox is bounded: by size (drop-oldest or reject-new), by age, and a message the
 //! cloud can never take is dead-lettered instead of blocking the rest. Counts are exact.
+//! A damaged database file or a full disk never stops the gateway.
 //!
 //! A row's size is its local topic plus its payload, in bytes.
 
@@ -265,4 +266,89 @@ async fn a_message_on_which_the_cloud_drops_the_connection_is_dead_lettered_and_
     assert!(gateway
         .log()
         .contains("closed the connection each time this message was sent alone"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_outbox_file_is_moved_aside_and_the_gateway_starts_afresh() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let config = GatewayConfig::new(cloud.port);
+    std::fs::create_dir_all(config.data_dir()).expect("data dir");
+    let damaged = vec![0xA5u8; 64 * 1024];
+    std::fs::write(config.data_dir().join("outbox.db"), &damaged).expect("writing garbage");
+    let gateway = Gateway::start(config);
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+
+    let sent = rows("warehouse/after", 0..20, 50);
+    publish_all(gateway.local_port, "sensor", QoS::AtLeastOnce, sent.clone()).await;
+    assert!(collector.wait_for_count(20, Duration::from_secs(20)).await);
+    collector.deliveries().assert_exactly(&expected(&sent));
+    let status = gateway.status().expect("status.json");
+    assert_eq!(counter(&status, "outbox_damaged"), 1, "{status}");
+    let aside: Vec<_> = std::fs::read_dir(&gateway.data_dir)
+        .expect("data dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("outbox.db.damaged-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged file is kept for inspection");
+    assert_eq!(std::fs::read(aside[0].path()).expect("moved file"), damaged);
+    assert!(gateway.log().contains("the outbox database is damaged"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_during_an_outage_refuses_new_messages_keeps_the_rest_and_recovers() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let link = Proxy::start(cloud.port).await;
+    link.cut();
+    // No file of the gateway may grow past 2 MiB: the outbox fills "the disk" after
+    // about 1500 of these 1 KiB messages, memory (32 MiB) after about 33000 more.
+    let gateway = Gateway::start(GatewayConfig::new(link.port).file_size_limit(2 << 20));
+    let sent = rows("warehouse/full", 0..40_000, ROW - "warehouse/full".len());
+    for chunk in sent.chunks(5_000) {
+        site_publish(gateway.local_port, chunk).await;
+    }
+    let status = gateway
+        .wait_status(Duration::from_secs(20), "refusing new messages", |s| {
+            counter(s, "received") == 40_000 && counter(s, "rejected_storage") > 0
+        })
+        .await;
+    assert!(counter(&status, "outbox_errors") > 0, "{status}");
+    let accepted = counter(&status, "enqueued");
+    assert_eq!(
+        accepted + counter(&status, "rejected_storage"),
+        40_000,
+        "{status}"
+    );
+    assert!(gateway.log().contains("new messages are refused"));
+
+    // Space comes back: what was accepted is written, then delivered in order.
+    gateway.lift_file_size_limit();
+    gateway
+        .wait_status(Duration::from_secs(20), "writing to disk again", |s| {
+            s["queue"]["on_disk"] == accepted
+        })
+        .await;
+    link.restore();
+    assert!(
+        collector
+            .wait_for_count(accepted as usize, Duration::from_secs(60))
+            .await,
+        "only {} of {accepted} accepted messages reached the cloud",
+        collector.distinct()
+    );
+    collector
+        .deliveries()
+        .assert_exactly(&expected(&sent[..accepted as usize]));
+    assert!(gateway.log().contains("the outbox writes to disk again"));
+}
+
+async fn site_publish(port: u16, messages: &[(String, Vec<u8>)]) {
+    publish_all(port, "sensor", QoS::AtLeastOnce, messages.to_vec()).await;
 }

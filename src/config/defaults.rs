@@ -29,6 +29,7 @@ pub const MAX_AGE: &str = "7d";
 pub const COMMIT_INTERVAL: &str = "1s";
 pub const COMMIT_BATCH: i64 = 1000;
 pub const SYNCHRONOUS: &str = "full";
+pub const DEAD_LETTER_MAX_SIZE: &str = "16MiB";
 
 pub const QOS: i64 = 1;
 pub const DRAIN: &str = "strict";

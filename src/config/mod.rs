@@ -221,6 +221,8 @@ pub struct QueueConfig {
     pub commit_batch: usize,
     /// `synchronous = FULL` (true, default) or `NORMAL`.
     pub fsync: bool,
+    /// Bytes of topic plus payload the dead-letter table keeps (the newest).
+    pub dead_letter_max_size: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -67,6 +67,7 @@ pub struct RawQueue {
     pub commit_interval: Option<Value>,
     pub commit_batch: Option<i64>,
     pub synchronous: Option<String>,
+    pub dead_letter_max_size: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -272,7 +273,7 @@ mod tests {
         );
         assert_eq!(
             field_names::<RawUplink>(),
-            ["topic", "remote_prefix", "qos"]
+            ["topic", "remote_prefix", "qos", "drain"]
         );
         let unknown = KeyPath::default().key("downlink").index(2).key("prefix");
         assert_eq!(

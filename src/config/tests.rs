@@ -76,6 +76,7 @@ fn a_minimal_file_gets_every_default() {
             commit_interval: Duration::from_secs(1),
             commit_batch: 1000,
             fsync: true,
+            dead_letter_max_size: 16 << 20,
         },
         uplink: vec![],
         downlink: vec![],
@@ -232,7 +233,7 @@ fn unknown_keys_are_all_reported_with_what_is_accepted() {
         problems(&text),
         [
             "test.toml:7: cloud.urll: unknown key; the keys accepted here are url, client_id, command_client_id, keep_alive, max_packet_size, ca_file, cert_file, key_file, username, password_file, status_topic, max_inflight, reconnect_min, reconnect_max",
-            "test.toml:10: uplink[1].prefix: unknown key; the keys accepted here are topic, remote_prefix, qos",
+            "test.toml:10: uplink[1].prefix: unknown key; the keys accepted here are topic, remote_prefix, qos, drain",
             "test.toml:12: bacnet: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink, modbus, serial",
         ]
     );
@@ -382,7 +383,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 20);
+    assert_eq!(uncommented_keys, 22);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }

@@ -385,6 +385,12 @@ fn queue(raw: &RawQueue, mut s: Section) -> QueueConfig {
             defaults::SYNCHRONOUS,
             &[("full", true), ("normal", false)],
         ),
+        dead_letter_max_size: s.size(
+            "dead_letter_max_size",
+            &raw.dead_letter_max_size,
+            defaults::DEAD_LETTER_MAX_SIZE,
+            0..=u64::MAX,
+        ),
     }
 }
 

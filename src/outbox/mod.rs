@@ -14,6 +14,7 @@
 //! running, carried over restarts in the database, so a wall-clock jump (a Pi booting in
 //! 1970, NTP stepping) never expires a backlog.
 
+pub mod dead_letters;
 mod store;
 
 use std::collections::{BTreeSet, VecDeque};
@@ -110,6 +111,10 @@ enum Command {
         id: i64,
         reason: String,
     },
+    Replay {
+        which: dead_letters::Selection,
+        reply: oneshot::Sender<Result<usize, String>>,
+    },
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -166,6 +171,15 @@ impl OutboxHandle {
         self.send(Command::DeadLetter { id, reason }).await
     }
 
+    /// Puts dead letters back in the queue, after everything in it; returns how many.
+    pub async fn replay(&self, which: dead_letters::Selection) -> Result<usize, String> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Replay { which, reply })
+            .await
+            .map_err(|e| e.to_string())?;
+        rx.await.map_err(|_| OutboxError::Closed.to_string())?
+    }
+
     /// Writes what is held in memory and stops the owner.
     pub async fn shutdown(&self) -> Result<(), OutboxError> {
         let (reply, rx) = oneshot::channel();
@@ -192,10 +206,30 @@ pub fn open(
         source,
     })?;
     let path = data_dir.join("outbox.db");
-    let store = Store::open(&path, config.fsync).map_err(|source| OutboxError::Open {
-        path: path.clone(),
-        source,
-    })?;
+    let store = match Store::open(&path, config.fsync) {
+        Ok(store) => store,
+        Err(e) if store::is_damage(&e) => {
+            // A damaged file must not become a crash loop: keep it for inspection, start
+            // afresh. What it held is lost; that is said loudly, once.
+            let aside = store::move_aside(&path).map_err(|source| OutboxError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+            inc(&health.counters.outbox_damaged);
+            error!(path = %path.display(), moved_to = %aside.display(), error = %e,
+                "the outbox database is damaged; it was moved aside and a new one started (its messages are not forwarded)");
+            Store::open(&path, config.fsync).map_err(|source| OutboxError::Open {
+                path: path.clone(),
+                source,
+            })?
+        }
+        Err(source) => {
+            return Err(OutboxError::Open {
+                path: path.clone(),
+                source,
+            })
+        }
+    };
     // Small: a push holds up to a whole intake batch.
     let (tx, rx) = flume::bounded(16);
     info!(
@@ -256,8 +290,10 @@ const LIVE_TRACKED: usize = 100_000;
 const HELD_MAX_BYTES: u64 = 16 << 20;
 /// While the database refuses writes, memory holds at most this much; new messages are
 /// refused beyond it (counted in `rejected_storage`).
-const HELD_HARD_BYTES: u64 = 64 << 20;
+const HELD_HARD_BYTES: u64 = 32 << 20;
 const EXPIRY_EVERY: Duration = Duration::from_secs(1);
+/// A failed write is tried again after this.
+const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// The gateway clock is saved at most this often, only while rows are on disk.
 const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
 /// Disk rows read per step when dropping or expiring the oldest.
@@ -286,8 +322,10 @@ struct Owner {
     /// The last write failed: memory fills up to `HELD_HARD_BYTES`, then new messages are
     /// refused, until a write succeeds.
     storage_failing: bool,
+    failed_at: Option<Instant>,
     full_log: RateLimit,
     storage_log: RateLimit,
+    db_log: RateLimit,
 }
 
 impl Owner {
@@ -315,15 +353,23 @@ impl Owner {
             clock_saved: Instant::now(),
             oldest_ts: None,
             storage_failing: false,
+            failed_at: None,
             full_log: RateLimit::new(Duration::from_secs(10)),
             storage_log: RateLimit::new(Duration::from_secs(10)),
+            db_log: RateLimit::new(Duration::from_secs(10)),
         }
     }
 
     fn run(mut self) {
         self.update_gauges(true);
         loop {
-            let command = match self.next_deadline() {
+            let deadline = self.next_deadline();
+            // Under a steady stream of commands the timeout below would never fire.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.tick();
+                continue;
+            }
+            let command = match deadline {
                 Some(deadline) => self.rx.recv_deadline(deadline),
                 None => self
                     .rx
@@ -334,9 +380,9 @@ impl Owner {
                 Ok(Command::Push(messages)) => {
                     self.accept(messages);
                     self.feed();
-                    if self.held_rows > self.config.commit_batch as u64
-                        || self.held_bytes > HELD_MAX_BYTES
-                    {
+                    let over = self.held_rows > self.config.commit_batch as u64
+                        || self.held_bytes > HELD_MAX_BYTES;
+                    if over && self.failed_at.is_none_or(|f| f.elapsed() >= RETRY_AFTER) {
                         self.flush(Spill::OverBound);
                     }
                     self.update_gauges(false);
@@ -376,6 +422,11 @@ impl Owner {
                         self.update_gauges(true);
                     }
                 }
+                Ok(Command::Replay { which, reply }) => {
+                    let _ = reply.send(self.replay(&which));
+                    self.feed();
+                    self.update_gauges(true);
+                }
                 Ok(Command::Shutdown(reply)) => {
                     self.close();
                     let _ = reply.send(());
@@ -404,7 +455,13 @@ impl Owner {
         let stored = self.store.rows + self.held_rows > 0;
         let expiry = stored.then_some(self.next_expiry);
         let clock = (self.store.rows > 0).then_some(self.clock_saved + CLOCK_SAVE_EVERY);
-        [spill, gone, expiry, clock].into_iter().flatten().min()
+        let write = [spill, gone, clock].into_iter().flatten().min();
+        // After a failed write, the next attempt waits a little: no busy loop on a full disk.
+        let write = match (write, self.failed_at) {
+            (Some(at), Some(failed)) => Some(at.max(failed + RETRY_AFTER)),
+            (write, _) => write,
+        };
+        [write, expiry].into_iter().flatten().min()
     }
 
     fn tick(&mut self) {
@@ -613,8 +670,32 @@ impl Owner {
         self.gone_since.get_or_insert_with(Instant::now);
     }
 
+    /// Dead letters back into the queue. Memory is written first, so that the replayed
+    /// messages, newest of all, keep every id on disk below every id in memory.
+    fn replay(&mut self, which: &dead_letters::Selection) -> Result<usize, String> {
+        self.flush(Spill::All);
+        if !self.held.is_empty() {
+            return Err("the outbox cannot write to disk right now".into());
+        }
+        match self.store.replay(which, self.next_id) {
+            Ok(replayed) => {
+                self.next_id += replayed.len() as i64;
+                add(&self.health.counters.enqueued, replayed.len() as u64);
+                info!(
+                    messages = replayed.len(),
+                    "dead letters put back in the queue"
+                );
+                Ok(replayed.len())
+            }
+            Err(e) => {
+                self.db_error("replaying dead letters", &e);
+                Err(e.to_string())
+            }
+        }
+    }
+
     /// A message still in the outbox, by id.
-    fn lookup(&self, id: i64) -> Option<Row> {
+    fn lookup(&mut self, id: i64) -> Option<Row> {
         match self.held.front().map(|h| h.id) {
             Some(front) if id >= front => self
                 .held
@@ -748,30 +829,26 @@ impl Owner {
         out
     }
 
-    /// Writes what is due: messages held longer than `commit_interval` (or, over the memory
-    /// bound, the oldest until it is met; or everything, at shutdown), deletions, dead
+    /// Writes what is due: the messages in memory once one of them was held longer than
+    /// `commit_interval` (or memory is over its bound, or at shutdown), deletions, dead
     /// letters and the clock.
     fn flush(&mut self, spill: Spill) {
         let now = Instant::now();
-        let cutoff = now.checked_sub(self.config.commit_interval);
-        let keep = match spill {
-            Spill::Due => u64::MAX,
-            Spill::OverBound => self.config.commit_batch as u64 / 2,
-            Spill::All => 0,
+        // Group commit: once the oldest message in memory is due (or memory is over its
+        // bound, or at shutdown), everything held goes, so an outage writes one batch per
+        // commit_interval rather than one commit per message.
+        let due = self
+            .held
+            .iter()
+            .find(|h| h.state != HeldState::Gone)
+            .is_some_and(|h| {
+                now.checked_sub(self.config.commit_interval)
+                    .is_some_and(|cutoff| h.arrived <= cutoff)
+            });
+        let count = match spill {
+            Spill::Due if !due => 0,
+            _ => self.held.len(),
         };
-        let (mut count, mut rows, mut bytes) = (0usize, self.held_rows, self.held_bytes);
-        for held in &self.held {
-            let due = cutoff.is_some_and(|c| held.arrived <= c);
-            let over = rows > keep || bytes > HELD_MAX_BYTES / 2;
-            if !(due || over) {
-                break;
-            }
-            if held.state != HeldState::Gone {
-                rows -= 1;
-                bytes -= held.message.size;
-            }
-            count += 1;
-        }
         let gone_due = self.gone_since.is_some_and(|since| {
             matches!(spill, Spill::All) || now >= since + self.config.commit_interval
         });
@@ -798,17 +875,28 @@ impl Owner {
                 .iter()
                 .map(|(row, reason)| (row, clock_ms, reason.as_str()))
                 .collect(),
-            clock_ms: (clock_due || count > 0).then_some(clock_ms),
+            // A spill saves the clock anyway: its rows carry it, and opening takes the
+            // newest row's time.
+            clock_ms: clock_due.then_some(clock_ms),
         };
         let (spilled, deleted) = (flush.spill.len() as u64, !flush.delete.is_empty());
-        let result = self.store.write(&flush);
+        let result = self.store.write(&flush, self.config.dead_letter_max_size);
         drop(flush);
         match result {
-            Ok(()) => {
+            Ok(dead_dropped) => {
+                if dead_dropped > 0 {
+                    add(&self.health.counters.dead_letters_dropped, dead_dropped);
+                    warn!(
+                        dropped = dead_dropped,
+                        max = self.config.dead_letter_max_size,
+                        "oldest dead letters deleted (queue.dead_letter_max_size)"
+                    );
+                }
                 if self.storage_failing {
                     info!("the outbox writes to disk again");
                     self.storage_failing = false;
                 }
+                self.failed_at = None;
                 self.settle_spill(count, spilled);
                 if deleted {
                     self.gone.clear();
@@ -816,13 +904,14 @@ impl Owner {
                 }
                 add(&self.health.counters.dead_lettered, self.dead.len() as u64);
                 self.dead.clear();
-                if clock_due || count > 0 {
+                if clock_due || spilled > 0 {
                     self.clock_saved = now;
                 }
                 debug!(spilled, deleted, "outbox flush");
             }
             Err(e) => {
                 self.storage_failing = true;
+                self.failed_at = Some(now);
                 self.db_error("writing to disk", &e);
             }
         }
@@ -886,14 +975,34 @@ impl Owner {
         );
     }
 
-    fn db_error(&self, what: &str, e: &rusqlite::Error) {
+    fn db_error(&mut self, what: &str, e: &rusqlite::Error) {
         inc(&self.health.counters.outbox_errors);
-        error!(error = %e, "outbox database error while {what}");
+        if let Some(held) = self.db_log.check() {
+            error!(error = %e, earlier_errors_suppressed = held, "outbox database error while {what}");
+        }
     }
 
     /// Publishes rows, bytes and (when `oldest` is set, as it costs a read) the age of the
     /// oldest message.
     fn update_gauges(&mut self, oldest: bool) {
+        let held_oldest = self
+            .held
+            .iter()
+            .find(|h| h.state != HeldState::Gone)
+            .map(|h| h.ts);
+        self.oldest_ts = if self.store.rows == 0 {
+            held_oldest
+        } else if oldest || self.oldest_ts.is_none() {
+            match self.store.oldest_ts() {
+                Ok(ts) => ts.map(|ts| ts.max(0) as u64),
+                Err(e) => {
+                    self.db_error("reading the oldest row", &e);
+                    held_oldest
+                }
+            }
+        } else {
+            self.oldest_ts
+        };
         let queue = &self.health.queue;
         queue
             .rows
@@ -903,25 +1012,6 @@ impl Owner {
         queue
             .now_ts
             .store(self.store.clock.now_ms(), Ordering::Relaxed);
-        let held_oldest = || {
-            self.held
-                .iter()
-                .find(|h| h.state != HeldState::Gone)
-                .map(|h| h.ts)
-        };
-        self.oldest_ts = if self.store.rows == 0 {
-            held_oldest()
-        } else if oldest || self.oldest_ts.is_none() {
-            match self.store.oldest_ts() {
-                Ok(ts) => ts.map(|ts| ts.max(0) as u64),
-                Err(e) => {
-                    self.db_error("reading the oldest row", &e);
-                    held_oldest()
-                }
-            }
-        } else {
-            self.oldest_ts
-        };
         queue
             .oldest_ts
             .store(self.oldest_ts.unwrap_or(u64::MAX), Ordering::Relaxed);
@@ -930,11 +1020,11 @@ impl Owner {
 
 #[derive(Debug, Clone, Copy)]
 enum Spill {
-    /// Messages held longer than `commit_interval`.
+    /// Whatever is due.
     Due,
-    /// Memory is over its bound: also the oldest until half of it is left.
+    /// Memory is over its bound: every message in memory.
     OverBound,
-    /// Shutdown: everything.
+    /// Shutdown: everything, deletions and the clock included.
     All,
 }
 
@@ -953,5 +1043,267 @@ fn row_of(held: &Held) -> Row {
         payload: held.message.payload.clone(),
         qos: held.message.qos,
         size: held.message.size,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::Health;
+    use std::sync::Arc;
+
+    fn config(commit_interval_ms: u64) -> QueueConfig {
+        QueueConfig {
+            max_size: 1 << 30,
+            when_full: WhenFull::DropOldest,
+            max_age: Duration::from_secs(3600),
+            commit_interval: Duration::from_millis(commit_interval_ms),
+            commit_batch: 1000,
+            fsync: false,
+            dead_letter_max_size: 1 << 20,
+        }
+    }
+
+    fn messages(from: usize, n: usize, lane: Lane) -> Vec<NewMessage> {
+        (from..from + n)
+            .map(|i| NewMessage {
+                topic: format!(
+                    "t/{}",
+                    if lane == Lane::LiveFirst {
+                        "live"
+                    } else {
+                        "load"
+                    }
+                ),
+                payload: Bytes::from(format!("{i:04}")),
+                qos: 1,
+                size: 10,
+                lane,
+            })
+            .collect()
+    }
+
+    struct Opened {
+        outbox: OutboxHandle,
+        thread: std::thread::JoinHandle<()>,
+        health: SharedHealth,
+    }
+
+    fn open_in(dir: &Path, config: &QueueConfig) -> Opened {
+        let health = Arc::new(Health::default());
+        let (outbox, thread) = open(config, dir, health.clone()).expect("opening the outbox");
+        Opened {
+            outbox,
+            thread,
+            health,
+        }
+    }
+
+    impl Opened {
+        async fn close(self) -> SharedHealth {
+            self.outbox.shutdown().await.expect("shutdown");
+            self.thread.join().expect("owner thread");
+            self.health
+        }
+    }
+
+    /// Receives until `n` rows came (or panics after 5 s).
+    async fn take(feed: &mut mpsc::UnboundedReceiver<Vec<Row>>, n: usize) -> Vec<Row> {
+        let mut rows = Vec::new();
+        while rows.len() < n {
+            let batch = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+                .await
+                .expect("rows within 5 s")
+                .expect("feed open");
+            rows.extend(batch);
+        }
+        rows
+    }
+
+    fn payloads(rows: &[Row]) -> Vec<String> {
+        rows.iter()
+            .map(|r| String::from_utf8_lossy(&r.payload).into_owned())
+            .collect()
+    }
+
+    fn numbered(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("{i:04}")).collect()
+    }
+
+    fn delivered(rows: &[Row]) -> Vec<Delivered> {
+        rows.iter()
+            .map(|r| Delivered {
+                id: r.id,
+                size: r.size,
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn disk_then_memory_in_arrival_order_and_a_new_session_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open_in(dir.path(), &config(5));
+        o.outbox.push(messages(0, 10, Lane::Strict)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(o.health.queue.disk_rows.load(Ordering::Relaxed), 10);
+        o.outbox.push(messages(10, 10, Lane::Strict)).await.unwrap();
+
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 20).await;
+        assert_eq!(payloads(&rows), numbered(0..20));
+        o.outbox.delivered(delivered(&rows[..5])).await.unwrap();
+
+        let mut feed = o.outbox.subscribe(2, 100, 1 << 20).await.unwrap();
+        assert_eq!(payloads(&take(&mut feed, 15).await), numbered(5..20));
+        let health = o.close().await;
+        assert_eq!(health.queue.rows.load(Ordering::Relaxed), 15);
+    }
+
+    #[tokio::test]
+    async fn what_the_cloud_has_within_commit_interval_is_never_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open_in(dir.path(), &config(1000));
+        let mut feed = o.outbox.subscribe(1, 1000, 1 << 20).await.unwrap();
+        for round in 0..5 {
+            o.outbox
+                .push(messages(round * 20, 20, Lane::Strict))
+                .await
+                .unwrap();
+            let rows = take(&mut feed, 20).await;
+            o.outbox.delivered(delivered(&rows)).await.unwrap();
+        }
+        let health = o.close().await;
+        let counters = health.counters.snapshot();
+        assert_eq!((counters.enqueued, counters.persisted), (100, 0));
+        let reopened = open_in(dir.path(), &config(1000));
+        assert_eq!(reopened.health.queue.rows.load(Ordering::Relaxed), 0);
+        reopened.close().await;
+    }
+
+    #[tokio::test]
+    async fn shutdown_writes_what_is_held_and_the_next_run_resends_it_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open_in(dir.path(), &config(1000));
+        o.outbox.push(messages(0, 30, Lane::Strict)).await.unwrap();
+        let mut feed = o.outbox.subscribe(1, 1000, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 30).await;
+        o.outbox.delivered(delivered(&rows[..10])).await.unwrap();
+        let health = o.close().await;
+        assert_eq!(health.counters.snapshot().persisted, 20);
+
+        let o = open_in(dir.path(), &config(1000));
+        let mut feed = o.outbox.subscribe(1, 1000, 1 << 20).await.unwrap();
+        assert_eq!(payloads(&take(&mut feed, 20).await), numbered(10..30));
+        o.close().await;
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_counts_memory_and_disk_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(5);
+        config.max_size = 100;
+        let o = open_in(dir.path(), &config);
+        o.outbox.push(messages(0, 6, Lane::Strict)).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        o.outbox.push(messages(6, 8, Lane::Strict)).await.unwrap();
+        let mut feed = o.outbox.subscribe(1, 1000, 1 << 20).await.unwrap();
+        assert_eq!(payloads(&take(&mut feed, 10).await), numbered(4..14));
+        let health = o.close().await;
+        assert_eq!(health.counters.snapshot().dropped_full, 4);
+        assert_eq!(health.queue.bytes.load(Ordering::Relaxed), 100);
+    }
+
+    #[tokio::test]
+    async fn live_first_messages_overtake_the_backlog_which_keeps_its_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open_in(dir.path(), &config(5));
+        o.outbox.push(messages(0, 50, Lane::Strict)).await.unwrap();
+        o.outbox
+            .push(messages(50, 5, Lane::LiveFirst))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The link is back: a session with room for 10 at a time.
+        let mut feed = o.outbox.subscribe(1, 10, 1 << 20).await.unwrap();
+        let first = take(&mut feed, 10).await;
+        o.outbox
+            .push(messages(100, 3, Lane::LiveFirst))
+            .await
+            .unwrap();
+        o.outbox.push(messages(200, 2, Lane::Strict)).await.unwrap();
+        o.outbox.credit(1, 10, 1000).await.unwrap();
+        let second = take(&mut feed, 10).await;
+        assert_eq!(payloads(&first), numbered(0..10));
+        // The new live-first messages first, then the backlog where it was.
+        assert_eq!(
+            payloads(&second),
+            [numbered(100..103), numbered(10..17)].concat()
+        );
+        o.outbox.credit(1, 100, 10_000).await.unwrap();
+        let rest = take(&mut feed, 40).await;
+        assert_eq!(
+            payloads(&rest),
+            [numbered(17..55), numbered(200..202)].concat()
+        );
+        o.close().await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_bounded_replayed_and_purged() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config(1000);
+        config.dead_letter_max_size = 30;
+        let o = open_in(dir.path(), &config);
+        o.outbox.push(messages(0, 5, Lane::Strict)).await.unwrap();
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 5).await;
+        for row in &rows[..4] {
+            o.outbox
+                .dead_letter(row.id, "refused".into())
+                .await
+                .unwrap();
+        }
+        o.outbox.delivered(delivered(&rows[4..])).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let db = dir.path().join("outbox.db");
+        // 4 letters of 10 bytes, 30 kept: the oldest went.
+        let listed = dead_letters::list(&db).unwrap();
+        assert_eq!(listed.len(), 3);
+        assert!(listed.iter().all(|d| d.reason == "refused" && d.bytes == 4));
+        assert_eq!(o.health.counters.snapshot().dead_letters_dropped, 1);
+
+        let first = dead_letters::Selection::Ids(vec![listed[0].id]);
+        assert_eq!(o.outbox.replay(first).await, Ok(1));
+        assert_eq!(payloads(&take(&mut feed, 1).await), numbered(1..2));
+        assert_eq!(
+            dead_letters::purge(&db, &dead_letters::Selection::All).unwrap(),
+            2
+        );
+        assert!(dead_letters::list(&db).unwrap().is_empty());
+        o.close().await;
+    }
+
+    #[tokio::test]
+    async fn dead_letters_replayed_while_stopped_are_sent_at_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = open_in(dir.path(), &config(1000));
+        o.outbox.push(messages(0, 3, Lane::Strict)).await.unwrap();
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 3).await;
+        o.outbox
+            .dead_letter(rows[1].id, "refused".into())
+            .await
+            .unwrap();
+        o.close().await;
+        let db = dir.path().join("outbox.db");
+        assert_eq!(
+            dead_letters::replay_offline(&db, &dead_letters::Selection::All).unwrap(),
+            1
+        );
+        let o = open_in(dir.path(), &config(1000));
+        let mut feed = o.outbox.subscribe(1, 100, 1 << 20).await.unwrap();
+        let rows = take(&mut feed, 3).await;
+        assert_eq!(payloads(&rows), ["0000", "0002", "0001"]);
+        o.close().await;
     }
 }

@@ -14,6 +14,8 @@ use super::{accepts, free_port, signal, tail, wait_child};
 pub struct GatewayConfig {
     dir: TempDir,
     pub local_port: u16,
+    /// The largest file the gateway may write (RLIMIT_FSIZE, as `prlimit --fsize`).
+    file_size_limit: Option<u64>,
     sections: Vec<(String, Vec<(String, String)>)>,
     tail: Vec<String>,
 }
@@ -67,6 +69,7 @@ impl GatewayConfig {
         GatewayConfig {
             dir,
             local_port,
+            file_size_limit: None,
             sections,
             tail,
         }
@@ -100,6 +103,13 @@ impl GatewayConfig {
         if let Some((_, keys)) = self.sections.iter_mut().find(|(s, _)| s == section) {
             keys.retain(|(k, _)| k != key);
         }
+        self
+    }
+
+    /// Runs the gateway with a file size limit: its writes beyond `bytes` fail, as on a
+    /// full disk (see [`Gateway::lift_file_size_limit`]).
+    pub fn file_size_limit(mut self, bytes: u64) -> Self {
+        self.file_size_limit = Some(bytes);
         self
     }
 
@@ -144,6 +154,7 @@ impl GatewayConfig {
         let config_path = self.dir.path().join("bridgehead.toml");
         fs::write(&config_path, self.toml()).expect("writing the gateway config");
         let mut gateway = Gateway {
+            file_size_limit: self.file_size_limit,
             local_port: self.local_port,
             data_dir: self.data_dir(),
             log_path: self.dir.path().join("gateway.log"),
@@ -158,6 +169,7 @@ impl GatewayConfig {
 
 /// A running (or stopped) `bridgehead run --config FILE`.
 pub struct Gateway {
+    file_size_limit: Option<u64>,
     pub local_port: u16,
     pub data_dir: PathBuf,
     pub config_path: PathBuf,
@@ -180,7 +192,18 @@ impl Gateway {
             .append(true)
             .open(&self.log_path)
             .expect("gateway log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_bridgehead"))
+        let mut command = match self.file_size_limit {
+            Some(bytes) => {
+                let mut prlimit = Command::new("prlimit");
+                prlimit
+                    .arg(format!("--fsize={bytes}:unlimited"))
+                    .arg("--")
+                    .arg(env!("CARGO_BIN_EXE_bridgehead"));
+                prlimit
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_bridgehead")),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config_path)
@@ -257,6 +280,17 @@ impl Gateway {
     /// The running process's id.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Space comes back: the running gateway may write files of any size again.
+    pub fn lift_file_size_limit(&self) {
+        let pid = self.pid().expect("the gateway is not running");
+        let status = Command::new("prlimit")
+            .arg(format!("--pid={pid}"))
+            .arg("--fsize=unlimited:unlimited")
+            .status()
+            .expect("running prlimit");
+        assert!(status.success(), "prlimit --pid {pid}: {status}");
     }
 
     /// Bytes the gateway process has caused to be written to storage so far
