@@ -369,16 +369,19 @@ impl Tally {
     }
 
     /// Waits until `expected` distinct messages of `sources` arrived, or nothing new came
-    /// for `quiet`, or `max` passed.
+    /// for `quiet` (three times that before the first new one: a gateway reconnecting
+    /// with a large backlog may take a while to start), or `max` passed.
     pub async fn settle(&self, sources: &[u32], expected: usize, quiet: Duration, max: Duration) {
         let start = Instant::now();
-        let mut last = (usize::MAX, Instant::now());
+        let initial = self.distinct(sources);
+        let mut last = (initial, start);
         loop {
             let n = self.distinct(sources);
             if n != last.0 {
                 last = (n, Instant::now());
             }
-            if n >= expected || last.1.elapsed() > quiet || start.elapsed() > max {
+            let idle = if n == initial { quiet * 3 } else { quiet };
+            if n >= expected || last.1.elapsed() > idle || start.elapsed() > max {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -505,11 +505,19 @@ pub async fn drain(setup: Setup, count: usize, live_first: bool, sizes: &Sizes) 
         row.cpu_us_per_msg = Some(c.cpu_us_per_msg);
     }
     row.notes.push(format!(
-        "accepted with the link down at {:.0} msg/s; from link restored to last arrival {:.1} s",
+        "accepted with the link down at {:.0} msg/s; {}",
         row.sent as f64 / accept_seconds,
-        backlog
-            .last_at
-            .map_or(0.0, |l| l.saturating_duration_since(restored).as_secs_f64())
+        match (backlog.first_at, backlog.last_at) {
+            (Some(first), Some(last)) => format!(
+                "first arrival {:.1} s after the link was restored, last {:.1} s",
+                first.saturating_duration_since(restored).as_secs_f64(),
+                last.saturating_duration_since(restored).as_secs_f64()
+            ),
+            _ => format!(
+                "nothing arrived within {:.0} s of the link restored",
+                restored.elapsed().as_secs_f64()
+            ),
+        }
     ));
     if !peak_reset {
         row.notes
