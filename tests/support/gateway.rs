@@ -106,6 +106,14 @@ impl GatewayConfig {
         self.set(section, key, &quoted)
     }
 
+    /// Removes `[section] key`, so the gateway runs on its own default for it.
+    pub fn unset(mut self, section: &str, key: &str) -> Self {
+        if let Some((_, keys)) = self.sections.iter_mut().find(|(s, _)| s == section) {
+            keys.retain(|(k, _)| k != key);
+        }
+        self
+    }
+
     /// Runs the gateway with a file size limit: its writes beyond `bytes` fail, as on a
     /// full disk (see [`Gateway::lift_file_size_limit`]).
     pub fn file_size_limit(mut self, bytes: u64) -> Self {

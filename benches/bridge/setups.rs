@@ -1,0 +1,262 @@
+//! The four ways devices reach the cloud, and what the gateway process costs, read from
+//! /proc of that process alone (never the cloud broker's, never the bench's).
+
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{free_port, Gateway, GatewayConfig};
+
+/// Which gateway sits between the devices and the cloud.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Setup {
+    /// Devices publish to the cloud broker themselves: the ceiling.
+    Direct,
+    Bridgehead,
+    /// mosquitto's bridge as its manual shows it, persistence on (as Debian ships it).
+    MosquittoStock,
+    /// The same, with the queue raised and the store saved every second.
+    MosquittoTuned,
+}
+
+impl Setup {
+    pub fn name(self) -> &'static str {
+        match self {
+            Setup::Direct => "direct (ceiling)",
+            Setup::Bridgehead => "bridgehead",
+            Setup::MosquittoStock => "mosquitto bridge, stock",
+            Setup::MosquittoTuned => "mosquitto bridge, tuned",
+        }
+    }
+
+    /// The topic prefix a device uses: the cloud topic when it publishes there itself.
+    pub fn device_prefix(self) -> &'static str {
+        match self {
+            Setup::Direct => "fleet/gw-test/",
+            _ => "",
+        }
+    }
+}
+
+/// The tuned mosquitto's queue: large enough for the 1M backlog row.
+const TUNED_MAX_QUEUED: usize = 2_000_000;
+
+/// bridgehead on its shipped defaults (commit interval, metrics interval, in-flight window),
+/// except what the test peers need: loopback ports, a data dir, and reconnects as quick as
+/// the mosquitto bridges' `restart_timeout 1`.
+pub fn bridgehead_config(cloud_port: u16) -> GatewayConfig {
+    GatewayConfig::new(cloud_port)
+        .unset("queue", "commit_interval")
+        .unset("gateway", "metrics_interval")
+}
+
+/// The local side: a running gateway of one kind.
+pub enum Local {
+    Direct(u16),
+    Bridgehead(Gateway),
+    Mosquitto(LocalMosquitto),
+}
+
+impl Local {
+    pub fn start(setup: Setup, cloud_port: u16) -> Local {
+        match setup {
+            Setup::Direct => Local::Direct(cloud_port),
+            Setup::Bridgehead => Local::Bridgehead(Gateway::start(bridgehead_config(cloud_port))),
+            Setup::MosquittoStock => Local::Mosquitto(LocalMosquitto::start(cloud_port, false)),
+            Setup::MosquittoTuned => Local::Mosquitto(LocalMosquitto::start(cloud_port, true)),
+        }
+    }
+
+    /// Where devices connect (MQTT 3.1.1).
+    pub fn port(&self) -> u16 {
+        match self {
+            Local::Direct(port) => *port,
+            Local::Bridgehead(g) => g.local_port,
+            Local::Mosquitto(m) => m.port,
+        }
+    }
+
+    /// The gateway process; none for direct.
+    pub fn pid(&self) -> Option<u32> {
+        match self {
+            Local::Direct(_) => None,
+            Local::Bridgehead(g) => g.pid(),
+            Local::Mosquitto(m) => m.child.as_ref().map(Child::id),
+        }
+    }
+
+    pub fn sample(&self) -> Option<ProcSample> {
+        ProcSample::read(self.pid()?)
+    }
+
+    /// Resident set size now, MiB.
+    pub fn rss_mib(&self) -> Option<f64> {
+        status_kib(self.pid()?, "VmRSS:").map(|k| k as f64 / 1024.0)
+    }
+
+    /// Peak resident set size since start or the last [`Local::reset_peak`], MiB.
+    pub fn peak_rss_mib(&self) -> Option<f64> {
+        status_kib(self.pid()?, "VmHWM:").map(|k| k as f64 / 1024.0)
+    }
+
+    /// Starts a new peak-RSS measurement (`/proc/PID/clear_refs` 5); false if the kernel
+    /// refused.
+    pub fn reset_peak(&self) -> bool {
+        self.pid()
+            .is_some_and(|pid| fs::write(format!("/proc/{pid}/clear_refs"), "5").is_ok())
+    }
+
+    /// SIGKILL: no chance to save anything.
+    pub fn kill9(&mut self) {
+        match self {
+            Local::Direct(_) => {}
+            Local::Bridgehead(g) => g.kill9(),
+            Local::Mosquitto(m) => m.kill9(),
+        }
+    }
+
+    /// Starts again on the same config and data, and waits until devices can connect.
+    pub fn restart(&mut self) {
+        match self {
+            Local::Direct(_) => {}
+            Local::Bridgehead(g) => g.start_again(),
+            Local::Mosquitto(m) => m.spawn(),
+        }
+    }
+}
+
+/// What a process has cost so far: bytes it caused to be written to storage, and CPU.
+#[derive(Clone, Copy)]
+pub struct ProcSample {
+    pub write_bytes: u64,
+    pub cpu_seconds: f64,
+}
+
+impl ProcSample {
+    pub fn read(pid: u32) -> Option<ProcSample> {
+        let io = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+        let write_bytes = io
+            .lines()
+            .find_map(|l| l.strip_prefix("write_bytes:"))?
+            .trim()
+            .parse()
+            .ok()?;
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // After the parenthesised command name: state is field 3, utime 14, stime 15.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Some(ProcSample {
+            write_bytes,
+            cpu_seconds: ticks as f64 / hz,
+        })
+    }
+}
+
+/// Cost between two samples, per message.
+pub struct Cost {
+    pub bytes_per_msg: f64,
+    pub cpu_us_per_msg: f64,
+}
+
+pub fn cost(
+    before: Option<ProcSample>,
+    after: Option<ProcSample>,
+    messages: usize,
+) -> Option<Cost> {
+    let (before, after) = (before?, after?);
+    let n = messages.max(1) as f64;
+    Some(Cost {
+        bytes_per_msg: after.write_bytes.saturating_sub(before.write_bytes) as f64 / n,
+        cpu_us_per_msg: (after.cpu_seconds - before.cpu_seconds).max(0.0) * 1e6 / n,
+    })
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// mosquitto as a site broker bridging `warehouse/#` up and the command topics down, the
+/// way its manual shows. Stock: everything else at mosquitto's defaults, persistence on
+/// (as Debian ships it). Tuned: `max_queued_messages` raised and the store saved every
+/// second (`autosave_interval 1`).
+pub struct LocalMosquitto {
+    dir: tempfile::TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl LocalMosquitto {
+    fn start(cloud_port: u16, tuned: bool) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = free_port();
+        let tuning = if tuned {
+            format!("max_queued_messages {TUNED_MAX_QUEUED}\nautosave_interval 1\n")
+        } else {
+            String::new()
+        };
+        let conf = format!(
+            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
+             persistence true\npersistence_location {dir}/\n{tuning}\
+             connection cloud\naddress 127.0.0.1:{cloud_port}\nclientid gw-test-mosquitto\n\
+             cleansession false\nrestart_timeout 1\n\
+             topic warehouse/# out 1 \"\" fleet/gw-test/\n\
+             topic # in 1 \"\" fleet/gw-test/cmd/\n",
+            dir = dir.path().display()
+        );
+        fs::write(dir.path().join("mosquitto.conf"), conf).expect("writing mosquitto.conf");
+        let mut m = LocalMosquitto {
+            dir,
+            port,
+            child: None,
+        };
+        m.spawn();
+        m
+    }
+
+    fn spawn(&mut self) {
+        let log = fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .expect("log");
+        let child = Command::new("mosquitto")
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("starting mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "the local mosquitto does not accept within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for LocalMosquitto {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
