@@ -29,6 +29,9 @@ use crate::health::SharedHealth;
 
 /// SIGTERM to exit: the whole shutdown stays within this.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+/// Bytes of unfinished device packets the front door holds at most, all connections
+/// together (at least four of the largest packets).
+const FRONT_DOOR_BUFFERS: usize = 64 << 20;
 
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
@@ -43,6 +46,14 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         Some(listen) => Some(bind_devices(listen, "local.listen_v5").await?),
         None => None,
     };
+    let tls_listener = match &config.local.security.tls {
+        Some(tls) => Some((
+            bind_devices(tls.listen, "local.tls_listen").await?,
+            front_door::TlsListener::new(tls).context("preparing local.tls_listen")?,
+        )),
+        None => None,
+    };
+    let policy = broker::policy::Policy::load(&config.local.security)?.shared();
 
     let broker = LocalBroker::new(&config.local)?;
     let intake_link = broker.link("intake")?;
@@ -55,33 +66,52 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         )),
         false => None,
     };
-    let (internal_v4, internal_v5) = (broker.internal_v4, broker.internal_v5);
+    let backends = front_door::Backends {
+        v4: broker.internal_v4,
+        v5: broker.internal_v5,
+    };
+    let side_door = broker.side_door.clone();
     broker.start()?;
-    wait_for_port(internal_v4).await?;
+    wait_for_port(backends.v4).await?;
+    if let Some(v5) = backends.v5 {
+        wait_for_port(v5).await?;
+    }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let limits = front_door::Limits {
         connect_timeout: config.local.connect_timeout,
         max_connections: config.local.max_connections,
         max_packet: config.local.max_payload + 64 * 1024,
+        max_buffered: FRONT_DOOR_BUFFERS.max(4 * (config.local.max_payload + 64 * 1024)),
     };
-    let mut listeners = vec![(v4_listener, internal_v4)];
-    if let (Some(listener), Some(internal)) = (v5_listener, internal_v5) {
-        wait_for_port(internal).await?;
-        listeners.push((listener, internal));
-    }
-    for (listener, internal) in listeners {
+    let gate = broker::GateFactory {
+        policy: policy.clone(),
+        max_subscriptions: config.local.security.max_subscriptions,
+        health: health.clone(),
+    };
+    let door = front_door::FrontDoor::new(
+        limits,
+        backends,
+        side_door,
+        policy.clone(),
+        vec![Arc::new(gate)],
+        health.clone(),
+    );
+    let plain = std::iter::once(v4_listener)
+        .chain(v5_listener)
+        .map(|l| (l, None));
+    for (listener, tls) in plain.chain(tls_listener.map(|(l, tls)| (l, Some(tls)))) {
         if let Ok(listen) = listener.local_addr() {
-            info!(%listen, "local broker accepting devices");
+            info!(%listen, tls = tls.is_some(), "local broker accepting devices");
         }
-        tokio::spawn(front_door::serve(
-            listener,
-            internal,
-            limits.clone(),
-            health.clone(),
-            shutdown.clone(),
-        ));
+        tokio::spawn(door.clone().serve(listener, tls, shutdown.clone()));
     }
+    tokio::spawn(broker::policy::watch_files(
+        policy,
+        config.local.security.clone(),
+        health.clone(),
+        shutdown.clone(),
+    ));
 
     let rules = config
         .uplink

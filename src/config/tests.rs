@@ -48,6 +48,13 @@ fn a_minimal_file_gets_every_default() {
             max_payload: 256 * 1024,
             max_connections: 1000,
             connect_timeout: Duration::from_secs(10),
+            security: LocalSecurity {
+                password_file: None,
+                allow_anonymous: true,
+                acl_file: None,
+                max_subscriptions: 1000,
+                tls: None,
+            },
         },
         cloud: CloudConfig {
             url: CloudUrl {
@@ -55,6 +62,7 @@ fn a_minimal_file_gets_every_default() {
                 host: "127.0.0.1".into(),
                 port: 1883,
             },
+            failover: vec![],
             client_id: "gw-9".into(),
             command_client_id: "gw-9-cmd".into(),
             keep_alive: Duration::from_secs(30),
