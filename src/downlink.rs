@@ -121,6 +121,7 @@ impl Downlink {
                     up_at = Some(Instant::now());
                     self.health.commands.set(LinkState::Up);
                     info!(client_id = %self.cloud.config.command_client_id,
+                        node = %self.cloud.node(&self.cloud.config.command_client_id),
                         session_present = ack.session_present, "cloud command link up");
                     if !ack.session_present {
                         let filters = self.rules.iter().map(|r| {

@@ -54,6 +54,11 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         None => None,
     };
     let policy = broker::policy::Policy::load(&config.local.security)?.shared();
+    let open_files = front_door::raise_open_files_limit();
+    if open_files < 3 * config.local.max_connections as u64 + 256 {
+        warn!(open_files, max_connections = config.local.max_connections,
+            "the open files limit is low for local.max_connections (each device needs 3); raise LimitNOFILE");
+    }
 
     let broker = LocalBroker::new(&config.local)?;
     let intake_link = broker.link("intake")?;
@@ -174,7 +179,7 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         ),
         None => Vec::new(),
     };
-    info!(gateway_id = %config.gateway.id, cloud = %format!("{}:{}", config.cloud.url.host, config.cloud.url.port),
+    info!(gateway_id = %config.gateway.id, cloud = %config.cloud.url, cloud_failover_nodes = config.cloud.failover.len(),
         uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(),
         modbus_devices = config.modbus.len(), serial_sensors = config.serial.len(), "bridgehead running");
 

@@ -233,10 +233,12 @@ impl FrontDoor {
     ) -> Result<(), Refused> {
         let _ = tcp.set_nodelay(true);
         let deadline = Instant::now() + self.limits.connect_timeout;
+        // Each path is boxed and only the one taken is allocated: a connection that has not
+        // sent its CONNECT yet holds a small future, not the largest one it could become.
         let Some(tls) = tls else {
-            return self.connection(tcp, peer, deadline, None).await;
+            return Box::pin(self.connection(tcp, peer, deadline, None)).await;
         };
-        let stream = tokio::time::timeout_at(deadline, tls.acceptor.accept(tcp))
+        let stream = tokio::time::timeout_at(deadline, Box::pin(tls.acceptor.accept(tcp)))
             .await
             .map_err(|_| Refused::Timeout)?
             .map_err(Refused::Tls)?;
@@ -247,7 +249,7 @@ impl FrontDoor {
             ),
             false => None,
         };
-        self.connection(stream, peer, deadline, name).await
+        Box::pin(self.connection(stream, peer, deadline, name)).await
     }
 
     /// Reads and judges the CONNECT, then splices the connection to rumqttd.
@@ -340,8 +342,7 @@ impl FrontDoor {
             .map_err(|e| Refused::Broker(format!("forwarding CONNECT: {e}")))?;
         let hooks = self.hooks.iter().filter_map(|f| f.open(&info)).collect();
         let chain = Mutex::new(Chain::new(protocol, hooks));
-        self.splice(device, broker, framer, &chain, keep_alive_zero)
-            .await
+        Box::pin(self.splice(device, broker, framer, &chain, keep_alive_zero)).await
     }
 
     /// Judges a login; a failing address waits its turn first.
@@ -423,6 +424,33 @@ impl FrontDoor {
             }),
         }
     }
+}
+
+/// Raises the soft limit of open files to the hard limit: each device costs three
+/// descriptors in this process (its socket, the front door's connection to rumqttd and
+/// rumqttd's end of it), and systemd's default soft limit of 1024 would refuse devices
+/// long before `local.max_connections`. Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+    }
+    limit.rlim_cur
 }
 
 /// Reads until one whole packet is in `framer`; returns its length.

@@ -193,6 +193,7 @@ impl LocalBroker {
     /// Starts serving on the internal ports, on a thread of its own (rumqttd blocks forever
     /// and has no shutdown; the process exit ends it).
     pub fn start(mut self) -> Result<(), BrokerError> {
+        let (v4, v5) = (self.internal_v4, self.internal_v5);
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -201,7 +202,7 @@ impl LocalBroker {
                 }
             })
             .map_err(BrokerError::Thread)?;
-        info!("embedded broker started");
+        info!(internal_v4 = %v4, internal_v5 = ?v5, "embedded broker started; its internal ports take only the front door's per-start credential");
         Ok(())
     }
 }

@@ -240,6 +240,16 @@ pub struct CloudUrl {
     pub port: u16,
 }
 
+impl fmt::Display for CloudUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        match self.host.contains(':') {
+            true => write!(f, "{scheme}://[{}]:{}", self.host, self.port),
+            false => write!(f, "{scheme}://{}:{}", self.host, self.port),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct QueueConfig {
     /// Bytes of topic plus payload the outbox may hold.

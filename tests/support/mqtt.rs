@@ -188,8 +188,22 @@ impl LocalSubscriber {
         clean_session: bool,
         subscription: Option<(&str, QoS)>,
     ) -> Self {
-        let (client, mut eventloop) =
-            AsyncClient::new(options(port, client_id, clean_session), 100);
+        Self::connect_as(port, client_id, None, clean_session, subscription).await
+    }
+
+    /// [`connect`](Self::connect) with a user name and password.
+    pub async fn connect_as(
+        port: u16,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        clean_session: bool,
+        subscription: Option<(&str, QoS)>,
+    ) -> Self {
+        let mut options = options(port, client_id, clean_session);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, notes) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
