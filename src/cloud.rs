@@ -317,10 +317,16 @@ impl Reconnect {
         };
         state.set(crate::health::LinkState::BackingOff);
         let next = self.cloud.node(client_id);
-        if was_up && next != &lost {
-            tracing::warn!(client_id, error, %lost, %next, "{what}; failing over to the next cloud node");
-        } else if self.log.check().is_some() {
-            tracing::warn!(client_id, error, failed_attempts = self.failures, %next, retry_in = ?delay, "{what}");
+        if was_up || self.log.check().is_some() {
+            match next != &lost {
+                true => {
+                    tracing::warn!(client_id, error, failed_attempts = self.failures, %lost, %next, retry_in = ?delay,
+                    "{what}; failing over to the next cloud node")
+                }
+                false => {
+                    tracing::warn!(client_id, error, failed_attempts = self.failures, retry_in = ?delay, "{what}")
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,

@@ -420,10 +420,23 @@ impl Collector {
 
     /// Per topic, payloads in the order of their first delivery; and the duplicates.
     pub fn deliveries(&self) -> Deliveries {
+        Deliveries::of(self.received.lock().unwrap().iter())
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Deliveries {
+    /// First deliveries and duplicates of `messages`, taken in the order given.
+    pub fn of<'a>(messages: impl IntoIterator<Item = &'a Received>) -> Self {
         let mut seen = HashSet::new();
         let mut first: HashMap<String, Vec<String>> = HashMap::new();
         let mut duplicates = 0;
-        for m in self.received.lock().unwrap().iter() {
+        for m in messages {
             if seen.insert((m.topic.clone(), m.payload.clone())) {
                 first
                     .entry(m.topic.clone())
@@ -435,15 +448,7 @@ impl Collector {
         }
         Deliveries { first, duplicates }
     }
-}
 
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Deliveries {
     /// Panics unless each topic's first deliveries are exactly `expected` for it:
     /// nothing lost, nothing extra, in the order sent.
     pub fn assert_exactly(&self, expected: &HashMap<String, Vec<String>>) {
