@@ -4,8 +4,9 @@
 //!
 //! Sizes can be changed with BENCH_MESSAGES (burst size, default 100000) and
 //! BENCH_PUBLISHERS (default 4); BENCH_ONLY=burst runs the burst alone,
-//! BENCH_ONLY=split measures the local side and the uplink apart; BENCH_INFLIGHT sets
-//! bridgehead's cloud.max_inflight.
+//! BENCH_ONLY=split measures the local side and the uplink apart; BENCH_ONLY=acl compares
+//! bridgehead's burst without and with a `local.acl_file` (the cost of ACL checks per
+//! message); BENCH_INFLIGHT sets bridgehead's cloud.max_inflight.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -26,6 +27,8 @@ const CLOUD_FILTER: &str = "fleet/gw-test/warehouse/#";
 enum Setup {
     Direct,
     Bridgehead,
+    /// bridgehead with an ACL file that every device publish is checked against.
+    BridgeheadAcl,
     MosquittoBridge,
 }
 
@@ -34,6 +37,7 @@ impl Setup {
         match self {
             Setup::Direct => "devices -> cloud directly",
             Setup::Bridgehead => "bridgehead",
+            Setup::BridgeheadAcl => "bridgehead + acl_file",
             Setup::MosquittoBridge => "mosquitto bridge (stock)",
         }
     }
@@ -51,6 +55,13 @@ impl Local {
         match setup {
             Setup::Direct => Local::Direct(cloud_port),
             Setup::Bridgehead => Local::Bridgehead(Gateway::start(bench_config(cloud_port))),
+            Setup::BridgeheadAcl => {
+                let config = bench_config(cloud_port);
+                let acl = config.dir().join("acl");
+                fs::write(&acl, BENCH_ACL).expect("writing the bench ACL");
+                let config = config.set_str("local", "acl_file", &acl.display().to_string());
+                Local::Bridgehead(Gateway::start(config))
+            }
             Setup::MosquittoBridge => Local::Mosquitto(LocalMosquitto::start(cloud_port)),
         }
     }
@@ -111,6 +122,16 @@ impl Local {
         }
     }
 }
+
+/// A realistic ACL for anonymous devices: a deny rule, the allowed tree, patterns. Every
+/// publish of the burst is checked against it.
+const BENCH_ACL: &str = "\
+topic deny warehouse/+/fan/command
+topic write warehouse/#
+topic read dashboards/#
+pattern readwrite devices/%c/#
+pattern write clients/%c/status
+";
 
 /// The test defaults; BENCH_INFLIGHT overrides cloud.max_inflight.
 fn bench_config(cloud_port: u16) -> GatewayConfig {
@@ -461,6 +482,18 @@ async fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only == "split" {
         split(total, publishers).await;
+        return;
+    }
+    if only == "acl" {
+        println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB | CPU µs/msg |");
+        println!("|----------------------------|-----------------------------|---------|---------|------------------|------|---------|----------|---------|-----------|");
+        let burst_name = format!("burst {total} x {PAYLOAD} B QoS 1");
+        for _ in 0..3 {
+            for setup in [Setup::Bridgehead, Setup::BridgeheadAcl] {
+                let o = burst(setup, total, publishers).await;
+                print_row(&burst_name, setup, &o);
+            }
+        }
         return;
     }
     println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB | CPU µs/msg |");
