@@ -357,17 +357,27 @@ impl FrontDoor {
             tokio::time::sleep(wait).await;
         }
         let policy = self.policy.load_full();
-        let credentials = credentials.clone();
-        // Password hashes take CPU time: off the async threads.
-        let verdict = tokio::task::spawn_blocking(move || {
-            auth::authenticate(
+        let hashing = policy.passwords.is_some() && credentials.username.is_some();
+        let verdict = match hashing {
+            // Password hashes take CPU time: off the async threads.
+            true => {
+                let credentials = credentials.clone();
+                tokio::task::spawn_blocking(move || {
+                    auth::authenticate(
+                        policy.passwords.as_ref(),
+                        policy.allow_anonymous,
+                        &credentials,
+                    )
+                })
+                .await
+                .unwrap_or(Err(Refusal::NotAuthorized))
+            }
+            false => auth::authenticate(
                 policy.passwords.as_ref(),
                 policy.allow_anonymous,
-                &credentials,
-            )
-        })
-        .await
-        .unwrap_or(Err(Refusal::NotAuthorized));
+                credentials,
+            ),
+        };
         match verdict {
             Ok(_) => self.throttle.succeeded(peer.ip()),
             Err(_) => self.throttle.failed(peer.ip()),

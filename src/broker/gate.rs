@@ -285,6 +285,7 @@ impl Hook for Gate {
                 Verdict::Drop
             }
             Packet::Subscribe(subscribe) => self.subscribe(subscribe, replies),
+            Packet::Connect(_) => Verdict::Close("a second CONNECT on one connection".into()),
             Packet::Unsubscribe(unsubscribe) => {
                 for filter in &unsubscribe.filters {
                     self.subscriptions.remove(&self.hasher.hash_one(filter));
@@ -306,5 +307,177 @@ impl Hook for Gate {
             }
             _ => Verdict::Pass,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::acl::AclFile;
+    use crate::broker::hook::{Chain, Direction};
+
+    fn chain(protocol: Protocol, acl: &str) -> (Chain, SharedHealth) {
+        let health = SharedHealth::default();
+        let policy = Policy {
+            acl: Some(AclFile::parse(acl).unwrap()),
+            allow_anonymous: true,
+            passwords: None,
+        };
+        let factory = GateFactory {
+            policy: policy.shared(),
+            max_subscriptions: 2,
+            health: health.clone(),
+        };
+        let conn = ConnInfo {
+            peer: ([127, 0, 0, 1], 5000).into(),
+            protocol,
+            client_id: "c1".into(),
+            username: Some("u".into()),
+            clean_start: true,
+        };
+        let hooks = vec![factory.open(&conn).unwrap()];
+        (Chain::new(protocol, hooks), health)
+    }
+
+    fn publish(topic: &str, qos: u8, id: u16) -> Vec<u8> {
+        let mut body = (topic.len() as u16).to_be_bytes().to_vec();
+        body.extend_from_slice(topic.as_bytes());
+        if qos > 0 {
+            body.extend_from_slice(&id.to_be_bytes());
+        }
+        body.push(b'x');
+        let mut packet = vec![0x30 | (qos << 1), body.len() as u8];
+        packet.extend(body);
+        packet
+    }
+
+    #[test]
+    fn a_subscribe_is_split_and_its_suback_merged_back() {
+        let (mut chain, health) = chain(Protocol::V5, "user u\ntopic read a/#\n");
+        let mut replies = Replies::default();
+        let subscribe = packet::Subscribe {
+            packet_id: 9,
+            properties: &[],
+            filters: vec![("a/1", 1), ("b", 1), ("a/2", 0), ("a/3", 1)],
+        };
+        let bytes = subscribe.encode(Protocol::V5, &subscribe.filters);
+        let Ok(Verdict::Replace(forwarded)) =
+            chain.run(Direction::FromDevice, &bytes, &mut replies)
+        else {
+            panic!("the SUBSCRIBE must be rewritten");
+        };
+        let Ok(Packet::Subscribe(sent)) = Packet::parse(&forwarded, Protocol::V5) else {
+            panic!("not a SUBSCRIBE");
+        };
+        assert_eq!(sent.filters, [("a/1", 1), ("a/2", 0)]);
+        let suback = SubAck::encode(Protocol::V5, 9, &[], &[1, 0]);
+        let Ok(Verdict::Replace(merged)) = chain.run(Direction::FromBroker, &suback, &mut replies)
+        else {
+            panic!("the SUBACK must be merged");
+        };
+        // "b" is denied (0x87), "a/3" is over the cap of two (0x97).
+        assert_eq!(
+            merged,
+            SubAck::encode(Protocol::V5, 9, &[], &[1, 0x87, 0, 0x97])
+        );
+        assert_eq!(
+            health
+                .counters
+                .subscriptions_refused
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+    }
+
+    #[test]
+    fn denied_publishes_and_deliveries_are_acknowledged_in_the_right_direction() {
+        let (mut chain, health) = chain(
+            Protocol::V311,
+            "user u\ntopic readwrite a/#\ntopic deny a/secret\n",
+        );
+        let mut replies = Replies::default();
+        let run = |chain: &mut Chain, d, p: &[u8], r: &mut Replies| chain.run(d, p, r).unwrap();
+        assert_eq!(
+            run(
+                &mut chain,
+                Direction::FromDevice,
+                &publish("a/ok", 1, 1),
+                &mut replies
+            ),
+            Verdict::Pass
+        );
+        assert_eq!(
+            run(
+                &mut chain,
+                Direction::FromDevice,
+                &publish("a/secret", 1, 2),
+                &mut replies
+            ),
+            Verdict::Drop
+        );
+        assert_eq!(replies.to_device, [Bytes::from_static(&[0x40, 2, 0, 2])]);
+        assert_eq!(
+            run(
+                &mut chain,
+                Direction::FromDevice,
+                &publish("a/secret", 2, 3),
+                &mut replies
+            ),
+            Verdict::Drop
+        );
+        assert_eq!(
+            run(
+                &mut chain,
+                Direction::FromDevice,
+                &[0x62, 2, 0, 3],
+                &mut replies
+            ),
+            Verdict::Drop
+        );
+        assert_eq!(
+            replies.to_device.last().map(|b| b.to_vec()),
+            Some(vec![0x70, 2, 0, 3])
+        );
+        assert_eq!(
+            run(
+                &mut chain,
+                Direction::FromBroker,
+                &publish("a/secret", 1, 7),
+                &mut replies
+            ),
+            Verdict::Drop
+        );
+        assert_eq!(replies.to_broker, [Bytes::from_static(&[0x40, 2, 0, 7])]);
+        assert_eq!(
+            run(
+                &mut chain,
+                Direction::FromBroker,
+                &publish("a/ok", 1, 8),
+                &mut replies
+            ),
+            Verdict::Pass
+        );
+        let counters = &health.counters;
+        assert_eq!(
+            counters
+                .acl_denied
+                .load(std::sync::atomic::Ordering::Relaxed),
+            2
+        );
+        assert_eq!(
+            counters
+                .acl_withheld
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        let connect = crate::broker::packet::Connect::parse(&[
+            0x10, 12, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 30, 0, 0,
+        ])
+        .unwrap()
+        .encode();
+        assert!(matches!(
+            run(&mut chain, Direction::FromDevice, &connect, &mut replies),
+            Verdict::Close(_)
+        ));
     }
 }
