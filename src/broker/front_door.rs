@@ -94,6 +94,7 @@ pub struct FrontDoor {
     /// Broker-side buffers are bounded per connection only: rumqttd is ours.
     broker_budget: Arc<Budget>,
     log: Mutex<RateLimit>,
+    login_log: Mutex<RateLimit>,
 }
 
 /// Why a connection ended early; each is counted and logged.
@@ -105,8 +106,12 @@ enum Refused {
     Tls(std::io::Error),
     #[error("{0}")]
     Packet(#[from] PacketError),
-    #[error("login refused: {0}")]
-    Login(&'static str),
+    #[error("login refused: {reason} (user {user:?}, client id {client_id:?})")]
+    Login {
+        reason: &'static str,
+        user: Option<String>,
+        client_id: String,
+    },
     #[error("client id {0:?} is reserved for the gateway's own links")]
     ReservedId(String),
     #[error("MQTT 5 client, but local.listen_v5 is not set")]
@@ -141,6 +146,7 @@ impl FrontDoor {
             health,
             throttle: Throttle::default(),
             log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
+            login_log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
         })
     }
 
@@ -205,7 +211,7 @@ impl FrontDoor {
             }
             Refused::Timeout => inc(&counters.front_door_timeouts),
             Refused::Tls(_) => inc(&counters.tls_failures),
-            Refused::Login(_) => inc(&counters.auth_failures),
+            Refused::Login { .. } => inc(&counters.auth_failures),
             Refused::Packet(PacketError::TooLarge { .. } | PacketError::OverBudget) => {
                 inc(&counters.front_door_oversize)
             }
@@ -215,8 +221,13 @@ impl FrontDoor {
             Refused::ReservedId(_) => {}
         }
         inc(&counters.front_door_refused);
-        let held = self
-            .log
+        // Refused logins have their own budget of log lines: a flood of garbage must not
+        // hide a password guesser.
+        let log = match reason {
+            Refused::Login { .. } => &self.login_log,
+            _ => &self.log,
+        };
+        let held = log
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .check();
@@ -243,10 +254,13 @@ impl FrontDoor {
             .map_err(|_| Refused::Timeout)?
             .map_err(Refused::Tls)?;
         let name = match tls.use_identity_as_username {
-            true => Some(
-                super::tls::certificate_name(stream.get_ref().1)
-                    .ok_or(Refused::Login("the client certificate has no common name"))?,
-            ),
+            true => Some(super::tls::certificate_name(stream.get_ref().1).ok_or(
+                Refused::Login {
+                    reason: "the client certificate has no common name",
+                    user: None,
+                    client_id: String::new(),
+                },
+            )?),
             false => None,
         };
         Box::pin(self.connection(stream, peer, deadline, name)).await
@@ -303,9 +317,11 @@ impl FrontDoor {
                 let refusal_packet = ConnAck::refusal(protocol, refusal.code(protocol));
                 let _ = device.write_all(&refusal_packet).await;
                 let _ = device.flush().await;
-                let who = credentials.username.as_deref().unwrap_or("(anonymous)");
-                warn!(%peer, client_id = %connect.client_id, user = who, reason = refusal.as_str(), "device login refused");
-                return Err(Refused::Login(refusal.as_str()));
+                return Err(Refused::Login {
+                    reason: refusal.as_str(),
+                    user: credentials.username,
+                    client_id: connect.client_id.to_owned(),
+                });
             }
         };
         let keep_alive_zero = connect.keep_alive == 0;
@@ -318,6 +334,10 @@ impl FrontDoor {
             client_id: connect.client_id.to_owned(),
             username,
             clean_start: connect.clean_start,
+            session_expiry: match protocol {
+                Protocol::V5 => Some(connect.session_expiry()?),
+                Protocol::V311 => None,
+            },
         };
         let forwarded = Connect {
             keep_alive: if keep_alive_zero {
@@ -342,7 +362,9 @@ impl FrontDoor {
             .map_err(|e| Refused::Broker(format!("forwarding CONNECT: {e}")))?;
         let hooks = self.hooks.iter().filter_map(|f| f.open(&info)).collect();
         let chain = Mutex::new(Chain::new(protocol, hooks));
-        Box::pin(self.splice(device, broker, framer, &chain, keep_alive_zero)).await
+        let result = Box::pin(self.splice(device, broker, framer, &chain, keep_alive_zero)).await;
+        chain.lock().unwrap_or_else(|p| p.into_inner()).closed();
+        result
     }
 
     /// Judges a login; a failing address waits its turn first.

@@ -172,8 +172,10 @@ impl Gate {
             let refusal = self.judge_filter(filter);
             if let Some((code_v5, why)) = refusal {
                 inc(&self.health.counters.subscriptions_refused);
-                warn!(peer = %self.conn.peer, client_id = %self.conn.client_id, user = ?self.conn.username,
-                    filter, "subscription refused: {why}");
+                if let Some(held) = self.denial_log.check() {
+                    warn!(peer = %self.conn.peer, client_id = %self.conn.client_id, user = ?self.conn.username,
+                        filter, earlier_refusals_not_logged = held, "subscription refused: {why}");
+                }
                 codes.push(Some(if v5 { code_v5 } else { 0x80 }));
             } else {
                 codes.push(None);
@@ -334,6 +336,7 @@ mod tests {
             client_id: "c1".into(),
             username: Some("u".into()),
             clean_start: true,
+            session_expiry: Some(0),
         };
         let hooks = vec![factory.open(&conn).unwrap()];
         (Chain::new(protocol, hooks), health)

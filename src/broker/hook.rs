@@ -21,6 +21,8 @@ pub struct ConnInfo {
     /// The authenticated user (from the CONNECT or the TLS certificate); None: anonymous.
     pub username: Option<String>,
     pub clean_start: bool,
+    /// MQTT 5's session expiry interval in seconds (None for MQTT 3.1.1).
+    pub session_expiry: Option<u32>,
 }
 
 /// What becomes of one packet.
@@ -44,6 +46,8 @@ pub struct Replies {
 pub trait Hook: Send {
     fn device_packet(&mut self, packet: &Packet<'_>, replies: &mut Replies) -> Verdict;
     fn broker_packet(&mut self, packet: &Packet<'_>, replies: &mut Replies) -> Verdict;
+    /// The connection ended (either side closed it, or the front door did).
+    fn closed(&mut self) {}
 }
 
 /// Makes the hook of each new connection (None: this consumer has no business with it).
@@ -103,5 +107,12 @@ impl Chain {
             }
         }
         Ok(replaced.map_or(Verdict::Pass, Verdict::Replace))
+    }
+
+    /// Tells every hook that the connection ended.
+    pub fn closed(&mut self) {
+        for hook in &mut self.hooks {
+            hook.closed();
+        }
     }
 }
