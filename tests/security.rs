@@ -258,6 +258,30 @@ async fn the_acl_keeps_each_user_to_its_topics() {
         .await;
     assert_eq!(counter(&status, "acl_denied"), 3, "{status}");
     assert_eq!(counter(&status, "subscriptions_refused"), 2, "{status}");
+
+    // The file is re-read when it changes, and applies to connections already open.
+    std::fs::write(
+        &acl,
+        ACL.replace("topic deny warehouse/+/fan/command\n", ""),
+    )
+    .unwrap();
+    assert!(
+        gateway
+            .wait_log(Duration::from_secs(10), &["passwords and acl", "loaded"])
+            .await
+            .is_some(),
+        "the changed ACL file was not reloaded:\n{}",
+        gateway.log()
+    );
+    sensor
+        .send(&raw::publish_qos1_packet(command, 2, b"ON"))
+        .await;
+    assert!(sensor.read_packet(Duration::from_secs(5)).await.is_some());
+    let got = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("the sensor's command, allowed since the reload");
+    assert_eq!(got.payload, "ON");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -498,13 +522,19 @@ async fn hostile_clients(port: u16) -> Vec<RawClient> {
     // An oversize PUBLISH after a valid login; a topic that is not UTF-8.
     let (mut big, _) = RawClient::login(port, &Connect::new("hostile-big")).await;
     let _ = big.stream.write_all(&[0x30, 0x80, 0x80, 0x80, 0x01]).await;
-    kept.push(big);
+    assert!(
+        big.closed_within(Duration::from_secs(5)).await,
+        "an oversize packet was kept"
+    );
     let (mut utf8, _) = RawClient::login(port, &Connect::new("hostile-utf8")).await;
     let _ = utf8
         .stream
         .write_all(&raw::publish_qos1_raw(b"warehouse/\xff\xfe", 1, b"x"))
         .await;
-    kept.push(utf8);
+    assert!(
+        utf8.closed_within(Duration::from_secs(5)).await,
+        "an invalid topic was kept"
+    );
     // A subscription storm: 150 filters against a cap of 100.
     let (mut storm, _) = RawClient::login(port, &Connect::new("hostile-storm")).await;
     for i in 0..150u16 {
