@@ -29,9 +29,6 @@ use crate::health::SharedHealth;
 
 /// SIGTERM to exit: the whole shutdown stays within this.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
-/// Bytes of unfinished device packets the front door holds at most, all connections
-/// together (at least four of the largest packets).
-const FRONT_DOOR_BUFFERS: usize = 64 << 20;
 
 /// Runs the gateway until SIGTERM or SIGINT.
 pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
@@ -83,34 +80,20 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
     }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let limits = front_door::Limits {
-        connect_timeout: config.local.connect_timeout,
-        max_connections: config.local.max_connections,
-        max_packet: config.local.max_payload + 64 * 1024,
-        max_buffered: FRONT_DOOR_BUFFERS.max(4 * (config.local.max_payload + 64 * 1024)),
+    let plain = std::iter::once(v4_listener).chain(v5_listener).collect();
+    let listeners = front_door::Listeners {
+        plain,
+        tls: tls_listener,
     };
-    let gate = broker::GateFactory {
-        policy: policy.clone(),
-        max_subscriptions: config.local.security.max_subscriptions,
-        health: health.clone(),
-    };
-    let door = front_door::FrontDoor::new(
-        limits,
+    front_door::open(
+        &config.local,
+        listeners,
         backends,
         side_door,
         policy.clone(),
-        vec![Arc::new(gate)],
         health.clone(),
+        &shutdown,
     );
-    let plain = std::iter::once(v4_listener)
-        .chain(v5_listener)
-        .map(|l| (l, None));
-    for (listener, tls) in plain.chain(tls_listener.map(|(l, tls)| (l, Some(tls)))) {
-        if let Ok(listen) = listener.local_addr() {
-            info!(%listen, tls = tls.is_some(), "local broker accepting devices");
-        }
-        tokio::spawn(door.clone().serve(listener, tls, shutdown.clone()));
-    }
     tokio::spawn(broker::policy::watch_files(
         policy,
         config.local.security.clone(),

@@ -20,12 +20,15 @@
 //!   `local.connect_timeout` is dropped, without holding up anyone else's accept.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
@@ -55,6 +58,59 @@ pub struct Limits {
     pub max_packet: usize,
     /// Bytes of unfinished packets all device connections may hold together.
     pub max_buffered: usize,
+}
+
+/// Bytes of unfinished device packets the front door holds at most, all connections
+/// together (at least four of the largest packets).
+const BUFFERS: usize = 64 << 20;
+/// Room for topic, properties and headers on top of `local.max_payload` in a packet.
+const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// The device ports, bound before rumqttd picks its internal ports.
+pub struct Listeners {
+    pub plain: Vec<TcpListener>,
+    pub tls: Option<(TcpListener, TlsListener)>,
+}
+
+/// Opens the front door on every listener, with the gate as the first hook of every
+/// connection; it closes at shutdown.
+pub fn open(
+    config: &crate::config::LocalConfig,
+    listeners: Listeners,
+    backends: Backends,
+    side_door: SideDoor,
+    policy: SharedPolicy,
+    health: SharedHealth,
+    shutdown: &watch::Receiver<bool>,
+) {
+    let max_packet = config.max_payload + PACKET_OVERHEAD;
+    let limits = Limits {
+        connect_timeout: config.connect_timeout,
+        max_connections: config.max_connections,
+        max_packet,
+        max_buffered: BUFFERS.max(4 * max_packet),
+    };
+    let gate = super::GateFactory {
+        policy: policy.clone(),
+        max_subscriptions: config.security.max_subscriptions,
+        health: health.clone(),
+    };
+    let door = FrontDoor::new(
+        limits,
+        backends,
+        side_door,
+        policy,
+        vec![Arc::new(gate)],
+        health,
+    );
+    let plain = listeners.plain.into_iter().map(|l| (l, None));
+    let tls = listeners.tls.map(|(l, tls)| (l, Some(tls)));
+    for (listener, tls) in plain.chain(tls) {
+        if let Ok(listen) = listener.local_addr() {
+            info!(%listen, tls = tls.is_some(), "local broker accepting devices");
+        }
+        tokio::spawn(door.clone().serve(listener, tls, shutdown.clone()));
+    }
 }
 
 /// Where connections go: MQTT 3.1.1 to one internal port, MQTT 5 to the other (if any).
@@ -485,6 +541,39 @@ pub fn raise_open_files_limit() -> u64 {
     limit.rlim_cur
 }
 
+/// The largest single read.
+const READ_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// Where every connection served by this thread reads into: reads can be large (few
+    /// system calls), while a connection's framer keeps only the bytes that arrived.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_SIZE]);
+}
+
+/// Reads what `reader` has ready (16 KiB at most) and hands exactly those bytes to
+/// `framer`; 0 at the end of the stream. The scratch buffer is borrowed only within one
+/// poll, so this is as cancel-safe as `poll_read` itself.
+async fn read_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    framer: &mut Framer,
+) -> Result<usize, Refused> {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(e)) => Poll::Ready(Err(Refused::Io(e))),
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    Poll::Ready(framer.push(buf.filled()).map(|()| n).map_err(Refused::from))
+                }
+            }
+        })
+    })
+    .await
+}
+
 /// Reads until one whole packet is in `framer`; returns its length.
 async fn read_frame<S: AsyncRead + Unpin>(
     stream: &mut S,
@@ -494,11 +583,9 @@ async fn read_frame<S: AsyncRead + Unpin>(
         if let Some(frame) = framer.peek()? {
             return Ok(frame.len());
         }
-        let n = stream.read_buf(&mut framer.read_buf()?).await?;
-        if n == 0 {
+        if read_into(stream, framer).await? == 0 {
             return Err(Refused::Io(std::io::ErrorKind::UnexpectedEof.into()));
         }
-        framer.filled(n);
     }
 }
 
@@ -531,14 +618,11 @@ where
         let idle = tokio::time::sleep(PING_EVERY);
         tokio::pin!(idle);
         loop {
-            let mut room = self.framer.read_buf()?;
             tokio::select! {
-                read = self.reader.read_buf(&mut room) => {
-                    let n = read?;
-                    if n == 0 {
+                read = read_into(&mut self.reader, &mut self.framer) => {
+                    if read? == 0 {
                         return Ok(());
                     }
-                    self.framer.filled(n);
                     self.process().await?;
                     if self.ping_idle {
                         idle.as_mut().reset(Instant::now() + PING_EVERY);

@@ -9,7 +9,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BytesMut};
 
 /// The protocol a connection speaks, from its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,10 +55,8 @@ pub const PINGRESP: u8 = 13;
 pub const DISCONNECT: u8 = 14;
 pub const AUTH: u8 = 15;
 
-/// The first read of a connection, and the smallest: an idle or silent peer holds no more.
-const MIN_READ: usize = 64;
-/// The largest single read: a peer that keeps filling its reads gets this much at a time.
-const MAX_READ: usize = 16 * 1024;
+/// An emptied buffer smaller than this is kept for the next bytes; a larger one is freed.
+const KEEP_EMPTY: usize = 4096;
 
 /// Bytes held by every framer together, for the front door's total memory bound.
 #[derive(Debug)]
@@ -94,17 +92,16 @@ impl Budget {
 
 /// Cuts a byte stream into whole MQTT packets.
 ///
-/// Reads go into the framer's own buffer, sized by what arrived before: the first read
-/// takes at most 64 bytes, and a read size doubles only when the last read filled it. So
-/// the buffer's capacity stays within 1.5 times the most bytes it held plus twice the
-/// largest read, whatever a packet header claims, and an emptied buffer that had grown is
-/// given back; `max_packet` bounds one connection and the shared [`Budget`] bounds all of
-/// them.
+/// The framer keeps the bytes that arrived and nothing more: [`push`](Self::push) grows
+/// the buffer by what it is given (plus half of what is already held, so that a large
+/// packet arriving in pieces is not copied over and over), whatever a packet header
+/// claims. Its capacity never exceeds 1.5 times the most bytes it held, an emptied buffer
+/// is given back, `max_packet` bounds one connection and the shared [`Budget`] bounds all
+/// of them.
 #[derive(Debug)]
 pub struct Framer {
     buf: BytesMut,
     max_packet: usize,
-    read_size: usize,
     budget: Arc<Budget>,
     /// Capacity charged to the budget.
     charged: usize,
@@ -115,44 +112,24 @@ impl Framer {
         Framer {
             buf: BytesMut::new(),
             max_packet,
-            read_size: MIN_READ,
             budget,
             charged: 0,
         }
     }
 
-    /// Room for the next read, at most `read_size` bytes: pass it to `read_buf`.
-    pub fn read_buf(&mut self) -> Result<bytes::buf::Limit<&mut BytesMut>, PacketError> {
-        let want = self.read_size;
+    /// Appends bytes that arrived.
+    pub fn push(&mut self, bytes: &[u8]) -> Result<(), PacketError> {
         let held = self.buf.len();
-        if self.buf.capacity() - held < want {
+        if self.buf.capacity() - held < bytes.len() {
             // Grown by hand, not by `reserve`: that may double a buffer whose front was
             // consumed long ago. Here the new size follows what is held now.
-            let mut grown = BytesMut::with_capacity(held + held / 2 + want);
+            let mut grown = BytesMut::with_capacity(held + held / 2 + bytes.len());
             grown.extend_from_slice(&self.buf);
             self.buf = grown;
+            self.account()?;
         }
-        self.account()?;
-        Ok((&mut self.buf).limit(want))
-    }
-
-    /// Appends bytes as a read would (tests and proptests feed the framer this way).
-    /// Returns how many were taken: at most the room `read_buf` offers.
-    pub fn fill(&mut self, bytes: &[u8]) -> Result<usize, PacketError> {
-        let mut room = self.read_buf()?;
-        let n = bytes.len().min(room.remaining_mut());
-        room.put_slice(&bytes[..n]);
-        self.filled(n);
-        Ok(n)
-    }
-
-    /// Tells the framer how many bytes the last read brought, to size the next one.
-    pub fn filled(&mut self, n: usize) {
-        if n >= self.read_size {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
-        } else if n < self.read_size / 4 {
-            self.read_size = (self.read_size / 2).max(MIN_READ);
-        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
     }
 
     /// The whole packet at the front of the buffer, if it has arrived. A header that
@@ -175,7 +152,7 @@ impl Framer {
     pub fn consume(&mut self, len: usize) {
         self.buf.advance(len.min(self.buf.len()));
         // An idle connection gives back what a burst made it hold.
-        if self.buf.is_empty() && self.buf.capacity() > 4 * self.read_size {
+        if self.buf.is_empty() && self.buf.capacity() > KEEP_EMPTY {
             self.buf = BytesMut::new();
             let _ = self.account();
         }
@@ -922,25 +899,29 @@ mod tests {
     #[test]
     fn frames_are_cut_at_their_length() {
         let mut f = framer(1024);
-        f.fill(&[0xC0]).unwrap();
+        f.push(&[0xC0]).unwrap();
         assert_eq!(f.peek(), Ok(None));
-        f.fill(&[0x00, 0x30, 0x03, 1]).unwrap();
+        f.push(&[0x00, 0x30, 0x03, 1]).unwrap();
         assert_eq!(f.peek(), Ok(Some(&[0xC0, 0x00][..])));
         f.consume(2);
         assert_eq!(f.peek(), Ok(None));
-        f.fill(&[2, 3]).unwrap();
+        f.push(&[2, 3]).unwrap();
         assert_eq!(f.peek(), Ok(Some(&[0x30, 0x03, 1, 2, 3][..])));
         let mut f = framer(1024);
-        f.fill(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF]).unwrap();
+        f.push(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF]).unwrap();
         assert_eq!(f.peek(), Err(PacketError::BadLength));
     }
 
     #[test]
     fn a_huge_claim_costs_nothing_and_is_refused_at_once() {
         let mut f = framer(300 * 1024);
-        f.fill(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]).unwrap();
+        f.push(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]).unwrap();
         assert!(matches!(f.peek(), Err(PacketError::TooLarge { .. })));
-        assert!(f.capacity() <= MIN_READ * 2, "{}", f.capacity());
+        assert!(f.capacity() <= 8, "{}", f.capacity());
+        let mut f = framer(300 * 1024);
+        f.push(&[0x10, 0x80, 0x80, 0x10]).unwrap();
+        assert_eq!(f.peek(), Ok(None));
+        assert!(f.capacity() <= 6, "{}", f.capacity());
     }
 
     #[test]
@@ -951,7 +932,7 @@ mod tests {
             .collect();
         let refused = framers
             .iter_mut()
-            .filter_map(|f| f.read_buf().err())
+            .filter_map(|f| f.push(&[0u8; 64]).err())
             .count();
         assert!(refused > 0 && budget.used() <= 1000);
         drop(framers);
@@ -962,37 +943,32 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         /// Arbitrary bytes, in arbitrary read sizes: no panic, and the buffer never holds
-        /// much more than what arrived.
+        /// more than 1.5 times the most bytes that had arrived and were not consumed.
         #[test]
         fn the_framer_survives_anything(
             chunks in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..40),
             max in 2usize..4096,
         ) {
             let mut f = framer(max);
-            let (mut peak_held, mut peak_read) = (0, 0);
+            let mut peak_held = 0;
             'feed: for chunk in chunks {
-                let mut rest = &chunk[..];
-                while !rest.is_empty() {
-                    let n = f.fill(rest).unwrap();
-                    peak_read = peak_read.max(n);
-                    peak_held = peak_held.max(f.buffered());
-                    rest = &rest[n..];
-                    loop {
-                        match f.peek() {
-                            Ok(Some(frame)) => {
-                                let len = frame.len();
-                                prop_assert!(len <= max);
-                                let _ = Packet::parse(frame, Protocol::V311);
-                                let _ = Packet::parse(frame, Protocol::V5);
-                                f.consume(len);
-                            }
-                            Ok(None) => break,
-                            Err(_) => break 'feed,
+                f.push(&chunk).unwrap();
+                peak_held = peak_held.max(f.buffered());
+                loop {
+                    match f.peek() {
+                        Ok(Some(frame)) => {
+                            let len = frame.len();
+                            prop_assert!(len <= max);
+                            let _ = Packet::parse(frame, Protocol::V311);
+                            let _ = Packet::parse(frame, Protocol::V5);
+                            f.consume(len);
                         }
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
                     }
-                    let bound = peak_held + peak_held / 2 + 2 * (2 * peak_read).max(MIN_READ);
-                    prop_assert!(f.capacity() <= bound, "capacity {} > {bound}", f.capacity());
                 }
+                let bound = peak_held + peak_held / 2;
+                prop_assert!(f.capacity() <= bound, "capacity {} > {bound}", f.capacity());
             }
         }
 
