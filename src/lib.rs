@@ -91,6 +91,7 @@ pub async fn run(config: Config, health: SharedHealth) -> anyhow::Result<()> {
         backends,
         side_door,
         policy.clone(),
+        Vec::new(),
         health.clone(),
         &shutdown,
     );

@@ -72,14 +72,18 @@ pub struct Listeners {
     pub tls: Option<(TcpListener, TlsListener)>,
 }
 
-/// Opens the front door on every listener, with the gate as the first hook of every
-/// connection; it closes at shutdown.
+/// Opens the front door on every listener; it closes at shutdown. Every connection's
+/// hooks are the gate (ACLs, subscription cap) first, nearest the device, then one from
+/// each of `more_hooks`, in order: a consumer placed after the gate sees what actually
+/// reaches rumqttd (a SUBSCRIBE without its denied filters, only allowed publishes).
+#[allow(clippy::too_many_arguments)]
 pub fn open(
     config: &crate::config::LocalConfig,
     listeners: Listeners,
     backends: Backends,
     side_door: SideDoor,
     policy: SharedPolicy,
+    more_hooks: Vec<Arc<dyn HookFactory>>,
     health: SharedHealth,
     shutdown: &watch::Receiver<bool>,
 ) {
@@ -95,14 +99,10 @@ pub fn open(
         max_subscriptions: config.security.max_subscriptions,
         health: health.clone(),
     };
-    let door = FrontDoor::new(
-        limits,
-        backends,
-        side_door,
-        policy,
-        vec![Arc::new(gate)],
-        health,
-    );
+    let hooks = std::iter::once(Arc::new(gate) as Arc<dyn HookFactory>)
+        .chain(more_hooks)
+        .collect();
+    let door = FrontDoor::new(limits, backends, side_door, policy, hooks, health);
     let plain = listeners.plain.into_iter().map(|l| (l, None));
     let tls = listeners.tls.map(|(l, tls)| (l, Some(tls)));
     for (listener, tls) in plain.chain(tls) {
