@@ -1,13 +1,23 @@
 //! What the two cloud connections (telemetry up, commands down) share: connection options,
-//! TLS on rustls with the ring provider, credentials, and reconnect backoff.
+//! TLS on rustls with the ring provider, credentials, reconnect backoff, and failover
+//! across the nodes `cloud.url` lists.
+//!
+//! Each connection (told apart by its client id) has its own place in the node list:
+//! [`CloudLink::options`] connects to that node, and [`Reconnect::after_failure`] moves it
+//! to the next node, in order, wrapping around. Within one round the next node is tried
+//! after a short jittered pause; once every node failed, the backoff grows as with one
+//! node. Nothing else changes with the node: the outbox stays the only source of resends,
+//! so a fresh connection to another node resends from the oldest unacknowledged row, in
+//! order.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
-use crate::config::CloudConfig;
+use crate::config::{CloudConfig, CloudUrl};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CloudSetupError {
@@ -34,6 +44,8 @@ pub struct CloudLink {
     pub config: CloudConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     password: Option<String>,
+    /// Index into the node list, per client id.
+    current: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 impl CloudLink {
@@ -55,13 +67,44 @@ impl CloudLink {
             config: config.clone(),
             tls,
             password,
+            current: Arc::default(),
         })
     }
 
-    /// Options for one connection with the given client id.
+    /// Every node of the cloud broker, in failover order.
+    pub fn nodes(&self) -> impl Iterator<Item = &CloudUrl> {
+        std::iter::once(&self.config.url).chain(&self.config.failover)
+    }
+
+    fn node_count(&self) -> usize {
+        1 + self.config.failover.len()
+    }
+
+    fn node_index(&self, client_id: &str) -> usize {
+        let current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        current.get(client_id).copied().unwrap_or(0)
+    }
+
+    /// The node the connection with this client id uses now.
+    pub fn node(&self, client_id: &str) -> &CloudUrl {
+        let index = self.node_index(client_id);
+        self.nodes().nth(index).unwrap_or(&self.config.url)
+    }
+
+    /// Moves the connection to the next node; true when that starts a new round.
+    fn next_node(&self, client_id: &str) -> bool {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let index = current.entry(client_id.to_owned()).or_insert(0);
+        *index = (*index + 1) % self.node_count();
+        *index == 0
+    }
+
+    /// Options for one connection with the given client id, to its current node (whose
+    /// host name is also the TLS server name, sent as SNI and checked in the certificate).
     pub fn options(&self, client_id: &str) -> MqttOptions {
         let c = &self.config;
-        let mut options = MqttOptions::new(client_id, c.url.host.clone(), c.url.port);
+        let node = self.node(client_id);
+        let mut options = MqttOptions::new(client_id, node.host.clone(), node.port);
         options
             .set_keep_alive(c.keep_alive)
             .set_clean_session(false)
@@ -79,6 +122,7 @@ impl CloudLink {
 
     pub fn reconnect(&self) -> Reconnect {
         Reconnect {
+            cloud: self.clone(),
             backoff: Backoff {
                 min: self.config.reconnect_min,
                 max: self.config.reconnect_max,
@@ -182,8 +226,9 @@ impl Backoff {
     }
 }
 
-/// An error with every cause behind it, e.g. `TLS: I/O: invalid peer certificate: UnknownIssuer`.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with every cause behind it, e.g. `TLS: I/O: invalid peer certificate:
+/// UnknownIssuer (unknown issuer: ...)`, a refused certificate explained in words.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -194,13 +239,44 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         }
         source = s.source();
     }
+    if let Some(reason) = refused_certificate(e) {
+        text.push_str(&format!(" ({reason})"));
+    }
     text
+}
+
+/// Why the cloud's certificate was refused, if that is what `e` comes down to.
+fn refused_certificate(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let mut current = Some(e);
+    while let Some(error) = current {
+        let tls = error.downcast_ref::<rustls::Error>().or_else(|| {
+            error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        });
+        if let Some(rustls::Error::InvalidCertificate(reason)) = tls {
+            return Some(match reason {
+                C::UnknownIssuer => "unknown issuer: the cloud's certificate is not signed by a CA in cloud.ca_file (or the system's roots without it)",
+                C::NotValidForName | C::NotValidForNameContext { .. } => "wrong name: the cloud's certificate is not for the host in cloud.url",
+                C::Expired | C::ExpiredContext { .. } => "expired: the cloud's certificate has expired, or this gateway's clock is wrong",
+                C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet: this gateway's clock is behind (not synchronised yet?), or the certificate is new",
+                C::Revoked => "revoked",
+                C::BadSignature | C::BadEncoding => "damaged or badly signed certificate",
+                _ => "the cloud's certificate was refused",
+            });
+        }
+        current = error.source();
+    }
+    None
 }
 
 /// What a cloud connection does between losing the link and the next attempt: count it,
 /// back off, and say so once when the link goes down, then at most once a minute while it
 /// stays down, so a long outage does not flood the journal.
 pub struct Reconnect {
+    cloud: CloudLink,
     backoff: Backoff,
     failures: u64,
     log: crate::health::RateLimit,
@@ -227,10 +303,30 @@ impl Reconnect {
             self.log = crate::health::RateLimit::new(Duration::from_secs(60));
         }
         self.failures += 1;
-        let delay = self.backoff.next_delay();
+        let lost = self.cloud.node(client_id).clone();
+        let delay = match self.cloud.node_count() {
+            1 => self.backoff.next_delay(),
+            _ if self.cloud.next_node(client_id) => self.backoff.next_delay(),
+            // Another node is left in this round: try it soon.
+            _ => Backoff {
+                min: self.backoff.min,
+                max: self.backoff.min,
+                attempt: 0,
+            }
+            .next_delay(),
+        };
         state.set(crate::health::LinkState::BackingOff);
-        if self.log.check().is_some() {
-            tracing::warn!(client_id, error, failed_attempts = self.failures, retry_in = ?delay, "{what}");
+        let next = self.cloud.node(client_id);
+        if was_up || self.log.check().is_some() {
+            match next != &lost {
+                true => {
+                    tracing::warn!(client_id, error, failed_attempts = self.failures, %lost, %next, retry_in = ?delay,
+                    "{what}; failing over to the next cloud node")
+                }
+                false => {
+                    tracing::warn!(client_id, error, failed_attempts = self.failures, retry_in = ?delay, "{what}")
+                }
+            }
         }
         tokio::select! {
             _ = tokio::time::sleep(delay) => true,

@@ -266,6 +266,7 @@ impl Downlink {
                         up_at = Some(Instant::now());
                         self.health.commands.set(LinkState::Up);
                         info!(client_id = %self.cloud.config.command_client_id,
+                            node = %self.cloud.node(&self.cloud.config.command_client_id),
                             session_present = ack.session_present, "cloud command link up");
                         match (ack.session_present, rules_before.take()) {
                             (true, Some(old)) if old != self.rules => {

@@ -137,6 +137,24 @@ counters! {
     reconnects,
     /// Device connections refused or dropped by the front door (limits, bad CONNECT, timeouts).
     front_door_refused,
+    /// Device connections without a finished TLS handshake and CONNECT in `local.connect_timeout`.
+    front_door_timeouts,
+    /// Device connections closed for garbage, a malformed packet or invalid UTF-8.
+    front_door_malformed,
+    /// Device connections closed for a packet over the limit (or buffers over the total bound).
+    front_door_oversize,
+    /// Device TLS handshakes that failed (no or untrusted client certificate, garbage).
+    tls_failures,
+    /// Device logins refused (bad user name or password, anonymous not allowed).
+    auth_failures,
+    /// Device publishes dropped by `local.acl_file`.
+    acl_denied,
+    /// Messages withheld from a device that may not read their topic.
+    acl_withheld,
+    /// Subscription filters refused (ACL, `local.max_subscriptions`, invalid, `$SYS`).
+    subscriptions_refused,
+    /// Changed password or ACL files that could not be loaded (the old ones stay).
+    security_reload_errors,
     /// Outbox database errors (each is also logged).
     outbox_errors,
     /// Messages lost because the database refused them repeatedly (disk full, I/O errors).

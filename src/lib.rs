@@ -27,7 +27,7 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::broker::{listeners, LocalBroker};
+use crate::broker::{front_door, listeners, LocalBroker};
 use crate::cloud::CloudLink;
 use crate::config::Config;
 use crate::health::SharedHealth;
@@ -58,6 +58,19 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         Some(listen) => Some(listeners::bind(listen, "local.listen_v5").await?),
         None => None,
     };
+    let tls_listener = match &config.local.security.tls {
+        Some(tls) => Some((
+            listeners::bind(tls.listen, "local.tls_listen").await?,
+            front_door::TlsListener::new(tls).context("preparing local.tls_listen")?,
+        )),
+        None => None,
+    };
+    let policy = broker::policy::Policy::load(&config.local.security)?.shared();
+    let open_files = front_door::raise_open_files_limit();
+    if open_files < 3 * config.local.max_connections as u64 + 256 {
+        warn!(open_files, max_connections = config.local.max_connections,
+            "the open files limit is low for local.max_connections (each device needs 3); raise LimitNOFILE");
+    }
 
     let broker = LocalBroker::new(&config.local)?;
     let intake_link = broker.link("intake")?;
@@ -68,9 +81,16 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         broker.link("field-readings")?,
         broker.link("field-commands")?,
     );
-    let (internal_v4, internal_v5) = (broker.internal_v4, broker.internal_v5);
+    let backends = front_door::Backends {
+        v4: broker.internal_v4,
+        v5: broker.internal_v5,
+    };
+    let side_door = broker.side_door.clone();
     broker.start()?;
-    wait_for_port(internal_v4).await?;
+    wait_for_port(backends.v4).await?;
+    if let Some(v5) = backends.v5 {
+        wait_for_port(v5).await?;
+    }
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let liveness = Arc::new(Liveness::default());
@@ -83,13 +103,28 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         health.clone(),
         shutdown.clone(),
     );
+    live.listeners.open(front_door::open(
+        &config.local,
+        rx.limits.clone(),
+        backends,
+        side_door,
+        policy.clone(),
+        Vec::new(),
+        health.clone(),
+    ));
     live.listeners
-        .serve(&mut supervisor, "local.listen", v4_listener, internal_v4);
-    if let (Some(listener), Some(internal)) = (v5_listener, internal_v5) {
-        wait_for_port(internal).await?;
+        .serve(&mut supervisor, "local.listen", v4_listener, None);
+    if let Some(listener) = v5_listener {
         live.listeners
-            .serve(&mut supervisor, "local.listen_v5", listener, internal);
+            .serve(&mut supervisor, "local.listen_v5", listener, None);
     }
+    if let Some((listener, tls)) = tls_listener {
+        live.listeners
+            .serve(&mut supervisor, "local.tls_listen", listener, Some(tls));
+    }
+    // The config watcher also watches the password and ACL files: a change of either is
+    // applied like an edit of the config.
+    live.policy = Some(policy);
 
     let intake = supervisor.spawn(
         "intake",
@@ -192,7 +227,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
             shutdown.clone(),
         ),
     );
-    info!(gateway_id = %config.gateway.id, cloud = %format!("{}:{}", config.cloud.url.host, config.cloud.url.port),
+    info!(gateway_id = %config.gateway.id, cloud = %config.cloud.url, cloud_failover_nodes = config.cloud.failover.len(),
         uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(),
         modbus_devices = config.modbus.len(), serial_sensors = config.serial.len(), "bridgehead running");
     systemd::ready();

@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use crate::broker::front_door::Limits;
 use crate::broker::listeners::Listeners;
+use crate::broker::policy::SharedPolicy;
 use crate::broker::IntakeRule;
 use crate::cloud::CloudLink;
 use crate::config::diff::{applicable, watched_files, ConfigDiff};
@@ -138,6 +139,8 @@ pub struct Live {
     watched: watch::Sender<Vec<PathBuf>>,
     pub outbox: OutboxHandle,
     pub listeners: Listeners,
+    /// The device passwords and ACL the front door reads.
+    pub policy: Option<SharedPolicy>,
     pub field: Option<Field>,
     health: SharedHealth,
 }
@@ -178,11 +181,7 @@ pub fn intake_rules(config: &Config) -> Arc<Vec<IntakeRule>> {
 }
 
 pub fn limits(config: &Config) -> Limits {
-    Limits {
-        connect_timeout: config.local.connect_timeout,
-        max_connections: config.local.max_connections,
-        max_packet: config.local.max_payload + 64 * 1024,
-    }
+    crate::broker::front_door::limits(&config.local)
 }
 
 pub fn reporter_settings(config: &Config) -> ReporterSettings {
@@ -238,7 +237,8 @@ impl Live {
             reporter: reporter_tx,
             watched: watched_tx,
             outbox,
-            listeners: Listeners::new(limits_rx.clone(), health.clone(), shutdown),
+            listeners: Listeners::new(shutdown),
+            policy: None,
             field: None,
             health,
         };
@@ -397,6 +397,13 @@ impl Live {
         }
         if !diff.gateway.is_empty() {
             self.reporter.send_replace(reporter_settings(new));
+        }
+        if let (false, Some(policy)) = (diff.security.is_empty(), &self.policy) {
+            if let Err(e) = crate::broker::policy::reload(policy, &new.local.security) {
+                inc(&self.health.counters.security_reload_errors);
+                error!(error = %e, "reload: device passwords and ACL not applied; the previous ones stay in force");
+                failures.push(e.to_string());
+            }
         }
         failures
     }

@@ -244,8 +244,8 @@ impl Uplink {
                 Ok(Event::Incoming(Packet::ConnAck(ack)))
                     if ack.code == ConnectReturnCode::Success =>
                 {
-                    info!(client_id = %c.client_id, host = %c.url.host, port = c.url.port,
-                        tls = c.url.tls, session_present = ack.session_present, "cloud telemetry link up");
+                    info!(client_id = %c.client_id, node = %self.cloud.node(&c.client_id),
+                        session_present = ack.session_present, "cloud telemetry link up");
                     break;
                 }
                 Ok(Event::Incoming(Packet::ConnAck(ack))) => {

@@ -6,102 +6,13 @@ mod support;
 
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt;
 
+use support::raw::{connect_packet, publish_qos1_packet, RawClient};
 use support::{
     publish_all, publish_many, publish_retained, Collector, Gateway, GatewayConfig,
     LocalSubscriber, Mosquitto, QoS, COMMAND_PREFIX, TELEMETRY_FILTER,
 };
-
-/// A bare MQTT 3.1.1 client on a TCP stream, for what client libraries will not send.
-struct RawClient {
-    stream: TcpStream,
-}
-
-impl RawClient {
-    async fn connect(port: u16) -> Self {
-        let stream = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .expect("TCP connect to the local broker");
-        RawClient { stream }
-    }
-
-    async fn send(&mut self, packet: &[u8]) {
-        self.stream
-            .write_all(packet)
-            .await
-            .expect("writing a packet");
-    }
-
-    /// The next packet (fixed header included), or `None` if the broker closed the
-    /// connection or sent nothing within `timeout`.
-    async fn read_packet(&mut self, timeout: Duration) -> Option<Vec<u8>> {
-        tokio::time::timeout(timeout, async {
-            let mut packet = vec![self.stream.read_u8().await.ok()?];
-            let mut length = 0usize;
-            for shift in (0..28).step_by(7) {
-                let byte = self.stream.read_u8().await.ok()?;
-                packet.push(byte);
-                length |= usize::from(byte & 0x7f) << shift;
-                if byte & 0x80 == 0 {
-                    break;
-                }
-            }
-            let start = packet.len();
-            packet.resize(start + length, 0);
-            self.stream.read_exact(&mut packet[start..]).await.ok()?;
-            Some(packet)
-        })
-        .await
-        .ok()
-        .flatten()
-    }
-}
-
-fn remaining_length(mut length: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (length % 128) as u8;
-        length /= 128;
-        if length > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if length == 0 {
-            return out;
-        }
-    }
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut out = (s.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(s.as_bytes());
-    out
-}
-
-/// CONNECT, MQTT 3.1.1, clean session.
-fn connect_packet(client_id: &str, keep_alive: u16) -> Vec<u8> {
-    let mut body = string("MQTT");
-    body.push(4);
-    body.push(0x02);
-    body.extend_from_slice(&keep_alive.to_be_bytes());
-    body.extend(string(client_id));
-    let mut packet = vec![0x10];
-    packet.extend(remaining_length(body.len()));
-    packet.extend(body);
-    packet
-}
-
-fn publish_qos1_packet(topic: &str, packet_id: u16, payload: &[u8]) -> Vec<u8> {
-    let mut body = string(topic);
-    body.extend_from_slice(&packet_id.to_be_bytes());
-    body.extend_from_slice(payload);
-    let mut packet = vec![0x32];
-    packet.extend(remaining_length(body.len()));
-    packet.extend(body);
-    packet
-}
 
 async fn gateway_with_cloud() -> (Mosquitto, Gateway) {
     let cloud = Mosquitto::start();

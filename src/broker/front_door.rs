@@ -1,34 +1,54 @@
-//! The front door: accepts device connections on `local.listen`, reads the CONNECT under a
-//! deadline, and splices the connection to rumqttd's internal port.
+//! The front door: accepts device connections (plain TCP, and TLS on `local.tls_listen`),
+//! reads and judges the CONNECT under a deadline, and splices the connection to rumqttd's
+//! internal port, packet by packet.
 //!
-//! It exists because rumqttd's network side cannot be handed a stream: the fixes for what
-//! rumqttd alone gets wrong for a site full of small devices live here.
+//! It exists because rumqttd's network side cannot be handed a stream: what rumqttd alone
+//! gets wrong for a site full of small devices is fixed here.
+//! - Authentication (password file, anonymous policy, certificate name) happens here, and
+//!   rumqttd's internal port only takes the per-start credential the front door puts into
+//!   every CONNECT it forwards: nothing on the box can walk around these checks.
+//! - Every packet is framed and parsed once ([`packet`](super::packet)) and handed to the
+//!   connection's [hooks](super::hook): the ACL gate, and whatever else needs to see them.
 //! - keepalive 0 (allowed by MQTT 3.1.1, used by many small devices) is refused by rumqttd,
 //!   so the CONNECT is rewritten to the longest keepalive and the front door itself pings
-//!   rumqttd on the device's behalf, hiding the answers from the device;
-//! - client ids of the gateway's own links are refused (a device taking one would
-//!   disconnect the link);
-//! - connections are bounded, and a peer that never sends a CONNECT is dropped.
+//!   rumqttd on the device's behalf, hiding the answers from the device.
+//! - Client ids of the gateway's own links are refused (a device taking one would
+//!   disconnect the link).
+//! - Memory is bounded: a connection's buffer grows only with bytes that arrived, up to the
+//!   largest packet, and all buffers together stay within a budget; connections are
+//!   bounded, and a peer that does not finish its TLS handshake and CONNECT within
+//!   `local.connect_timeout` is dropped, without holding up anyone else's accept.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use bytes::Bytes;
 
-use super::INTERNAL_ID_PREFIX;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tracing::{debug, error, info, warn};
+
+use super::auth::{self, Credentials, Refusal, Throttle};
+use super::hook::{Chain, ConnInfo, Direction, HookFactory, Replies, Verdict};
+use super::packet::{self, Budget, ConnAck, Connect, Framer, PacketError, Protocol};
+use super::policy::SharedPolicy;
+use super::{SideDoor, INTERNAL_ID_PREFIX};
 use crate::health::{inc, RateLimit, SharedHealth};
 
 /// How often the front door pings rumqttd for an idle keepalive-0 device. rumqttd drops a
 /// connection after 1.5 × keepalive (65535 s here) without a packet.
 const PING_EVERY: Duration = Duration::from_secs(3600);
 const MAX_KEEPALIVE: u16 = u16::MAX;
-const PINGREQ: [u8; 2] = [0xC0, 0x00];
-const PINGRESP: [u8; 2] = [0xD0, 0x00];
+/// Packets a hook sends across to the other direction, queued per connection.
+const CROSS_QUEUE: usize = 64;
+/// Bytes gathered before they are written: a burst goes out in few large writes.
+const WRITE_BATCH: usize = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -36,74 +56,456 @@ pub struct Limits {
     pub max_connections: usize,
     /// Largest packet a device may send (CONNECT with its will included).
     pub max_packet: usize,
+    /// Bytes of unfinished packets all device connections may hold together.
+    pub max_buffered: usize,
 }
 
-#[derive(Debug, PartialEq, Eq)]
-struct Connect {
-    level: u8,
-    keep_alive: u16,
-    /// Offset of the keepalive field in the packet body.
-    keep_alive_at: usize,
-    client_id: String,
+/// Bytes of unfinished device packets the front door holds at most, all connections
+/// together (at least four of the largest packets).
+const BUFFERS: usize = 64 << 20;
+/// Room for topic, properties and headers on top of `local.max_payload` in a packet.
+const PACKET_OVERHEAD: usize = 64 * 1024;
+
+/// The limits a config asks for. `connect_timeout` and `max_connections` may change with
+/// a reload (the listeners read them per connection); the packet and buffer sizes follow
+/// `local.max_payload`, which needs a restart.
+pub fn limits(config: &crate::config::LocalConfig) -> Limits {
+    let max_packet = config.max_payload + PACKET_OVERHEAD;
+    Limits {
+        connect_timeout: config.connect_timeout,
+        max_connections: config.max_connections,
+        max_packet,
+        max_buffered: BUFFERS.max(4 * max_packet),
+    }
 }
 
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-enum ConnectError {
-    #[error("first packet is not CONNECT (type {0})")]
-    NotConnect(u8),
-    #[error("malformed CONNECT")]
-    Malformed,
-    #[error("packet of {0} bytes is over the limit")]
-    TooLarge(usize),
-}
-
-/// Accepts devices until shutdown; each connection runs on its own task. `limits` may
-/// change while it runs (a reload): each new connection is held to the current ones.
-pub async fn serve(
-    listener: TcpListener,
-    backend: SocketAddr,
+/// Builds the front door every listener serves (see [`FrontDoor::serve`]). Every
+/// connection's hooks are the gate (ACLs, subscription cap) first, nearest the device, then
+/// one from each of `more_hooks`, in order: a consumer placed after the gate sees what
+/// actually reaches rumqttd (a SUBSCRIBE without its denied filters, only allowed
+/// publishes).
+#[allow(clippy::too_many_arguments)]
+pub fn open(
+    config: &crate::config::LocalConfig,
     limits: watch::Receiver<Limits>,
+    backends: Backends,
+    side_door: SideDoor,
+    policy: SharedPolicy,
+    more_hooks: Vec<Arc<dyn HookFactory>>,
     health: SharedHealth,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let active = Arc::new(AtomicUsize::new(0));
-    let mut refused_log = RateLimit::new(Duration::from_secs(10));
-    let mut backoff = Duration::from_millis(10);
-    loop {
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = shutdown.changed() => return,
-        };
-        let (stream, peer) = match accepted {
-            Ok(v) => {
-                backoff = Duration::from_millis(10);
-                v
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: wait and retry, doubling.
-                warn!(error = %e, "accepting a device connection failed; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+) -> Arc<FrontDoor> {
+    let gate = super::GateFactory {
+        policy: policy.clone(),
+        max_subscriptions: config.security.max_subscriptions,
+        health: health.clone(),
+    };
+    let hooks = std::iter::once(Arc::new(gate) as Arc<dyn HookFactory>)
+        .chain(more_hooks)
+        .collect();
+    FrontDoor::new(limits, backends, side_door, policy, hooks, health)
+}
+
+/// Where connections go: MQTT 3.1.1 to one internal port, MQTT 5 to the other (if any).
+#[derive(Debug, Clone, Copy)]
+pub struct Backends {
+    pub v4: SocketAddr,
+    pub v5: Option<SocketAddr>,
+}
+
+/// TLS on a listener.
+#[derive(Clone)]
+pub struct TlsListener {
+    acceptor: tokio_rustls::TlsAcceptor,
+    use_identity_as_username: bool,
+}
+
+impl TlsListener {
+    pub fn new(config: &crate::config::DeviceTls) -> Result<Self, super::tls::TlsSetupError> {
+        Ok(TlsListener {
+            acceptor: tokio_rustls::TlsAcceptor::from(super::tls::server_config(config)?),
+            use_identity_as_username: config.use_identity_as_username,
+        })
+    }
+}
+
+/// Everything the listeners share.
+pub struct FrontDoor {
+    limits: watch::Receiver<Limits>,
+    backends: Backends,
+    side_door: SideDoor,
+    policy: SharedPolicy,
+    hooks: Vec<Arc<dyn HookFactory>>,
+    health: SharedHealth,
+    /// Devices connected now, held to the current `max_connections`.
+    active: Arc<AtomicUsize>,
+    throttle: Throttle,
+    budget: Arc<Budget>,
+    /// Broker-side buffers are bounded per connection only: rumqttd is ours.
+    broker_budget: Arc<Budget>,
+    log: Mutex<RateLimit>,
+    login_log: Mutex<RateLimit>,
+}
+
+/// Why a connection ended early; each is counted and logged.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("no TLS handshake and CONNECT within local.connect_timeout")]
+    Timeout,
+    #[error("TLS handshake failed: {0}")]
+    Tls(std::io::Error),
+    #[error("{0}")]
+    Packet(#[from] PacketError),
+    #[error("login refused: {reason} (user {user:?}, client id {client_id:?})")]
+    Login {
+        reason: &'static str,
+        user: Option<String>,
+        client_id: String,
+    },
+    #[error("client id {0:?} is reserved for the gateway's own links")]
+    ReservedId(String),
+    #[error("MQTT 5 client, but local.listen_v5 is not set")]
+    NoV5,
+    #[error("{0}")]
+    Protocol(String),
+    #[error("connection lost: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("the embedded broker: {0}")]
+    Broker(String),
+}
+
+impl FrontDoor {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        limits: watch::Receiver<Limits>,
+        backends: Backends,
+        side_door: SideDoor,
+        policy: SharedPolicy,
+        hooks: Vec<Arc<dyn HookFactory>>,
+        health: SharedHealth,
+    ) -> Arc<Self> {
+        let max_buffered = limits.borrow().max_buffered;
+        Arc::new(FrontDoor {
+            active: Arc::new(AtomicUsize::new(0)),
+            budget: Budget::new(max_buffered),
+            broker_budget: Budget::new(usize::MAX),
+            limits,
+            backends,
+            side_door,
+            policy,
+            hooks,
+            health,
+            throttle: Throttle::default(),
+            log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
+            login_log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
+        })
+    }
+
+    /// Accepts devices on `listener` until shutdown; each connection runs on its own task
+    /// (its TLS handshake too, so a stalled handshake holds up no one).
+    pub async fn serve(
+        self: Arc<Self>,
+        listener: TcpListener,
+        tls: Option<TlsListener>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let mut refused_log = RateLimit::new(Duration::from_secs(10));
+        let mut backoff = Duration::from_millis(10);
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = shutdown.changed() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(v) => {
+                    backoff = Duration::from_millis(10);
+                    v
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait and retry, doubling.
+                    warn!(error = %e, "accepting a device connection failed; retrying in {backoff:?}");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                    continue;
+                }
+            };
+            let max_connections = self.limits.borrow().max_connections;
+            let Some(permit) = Permit::take(&self.active, max_connections) else {
+                inc(&self.health.counters.front_door_refused);
+                if let Some(held) = refused_log.check() {
+                    warn!(%peer, max_connections, earlier_warnings_suppressed = held,
+                        "device connection refused: local.max_connections reached");
+                }
                 continue;
+            };
+            let door = self.clone();
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                if let Err(reason) = door.handle(stream, peer, tls).await {
+                    door.count_and_log(peer, &reason);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    fn count_and_log(&self, peer: SocketAddr, reason: &Refused) {
+        let counters = &self.health.counters;
+        match reason {
+            Refused::Io(_) => {
+                debug!(%peer, %reason, "device connection ended");
+                return;
+            }
+            Refused::Broker(_) => {
+                error!(%peer, %reason, "device connection dropped");
+                inc(&counters.front_door_refused);
+                return;
+            }
+            Refused::Timeout => inc(&counters.front_door_timeouts),
+            Refused::Tls(_) => inc(&counters.tls_failures),
+            Refused::Login { .. } => inc(&counters.auth_failures),
+            Refused::Packet(PacketError::TooLarge { .. } | PacketError::OverBudget) => {
+                inc(&counters.front_door_oversize)
+            }
+            Refused::Packet(_) | Refused::Protocol(_) | Refused::NoV5 => {
+                inc(&counters.front_door_malformed)
+            }
+            Refused::ReservedId(_) => {}
+        }
+        inc(&counters.front_door_refused);
+        // Refused logins have their own budget of log lines: a flood of garbage must not
+        // hide a password guesser.
+        let log = match reason {
+            Refused::Login { .. } => &self.login_log,
+            _ => &self.log,
+        };
+        let held = log
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .check();
+        if let Some(held) = held {
+            warn!(%peer, %reason, earlier_warnings_suppressed = held, "device connection refused or closed by the front door");
+        }
+    }
+
+    async fn handle(
+        &self,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        tls: Option<TlsListener>,
+    ) -> Result<(), Refused> {
+        let _ = tcp.set_nodelay(true);
+        let deadline = Instant::now() + self.limits.borrow().connect_timeout;
+        // Each path is boxed and only the one taken is allocated: a connection that has not
+        // sent its CONNECT yet holds a small future, not the largest one it could become.
+        let Some(tls) = tls else {
+            return Box::pin(self.connection(tcp, peer, deadline, None)).await;
+        };
+        let stream = tokio::time::timeout_at(deadline, Box::pin(tls.acceptor.accept(tcp)))
+            .await
+            .map_err(|_| Refused::Timeout)?
+            .map_err(Refused::Tls)?;
+        let name = match tls.use_identity_as_username {
+            true => Some(super::tls::certificate_name(stream.get_ref().1).ok_or(
+                Refused::Login {
+                    reason: "the client certificate has no common name",
+                    user: None,
+                    client_id: String::new(),
+                },
+            )?),
+            false => None,
+        };
+        Box::pin(self.connection(stream, peer, deadline, name)).await
+    }
+
+    /// Reads and judges the CONNECT, then splices the connection to rumqttd.
+    async fn connection<S>(
+        &self,
+        mut device: S,
+        peer: SocketAddr,
+        deadline: Instant,
+        certificate_name: Option<String>,
+    ) -> Result<(), Refused>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let mut framer = Framer::new(self.limits.borrow().max_packet, self.budget.clone());
+        let len = tokio::time::timeout_at(deadline, read_frame(&mut device, &mut framer))
+            .await
+            .map_err(|_| Refused::Timeout)??;
+        let frame = framer.peek()?.unwrap_or_default();
+        let connect = match Connect::parse(frame) {
+            Ok(connect) => connect,
+            Err(PacketError::UnsupportedProtocol(level)) => {
+                let _ = device
+                    .write_all(&ConnAck::refusal(Protocol::V311, 0x01))
+                    .await;
+                return Err(PacketError::UnsupportedProtocol(level).into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let protocol = connect.protocol();
+        if connect.client_id.starts_with(INTERNAL_ID_PREFIX) {
+            let code = if protocol == Protocol::V5 { 0x85 } else { 0x02 };
+            let _ = device.write_all(&ConnAck::refusal(protocol, code)).await;
+            return Err(Refused::ReservedId(connect.client_id.to_owned()));
+        }
+        let backend = match (protocol, self.backends.v5) {
+            (Protocol::V311, _) => self.backends.v4,
+            (Protocol::V5, Some(v5)) => v5,
+            (Protocol::V5, None) => {
+                let _ = device.write_all(&ConnAck::refusal(protocol, 0x84)).await;
+                return Err(Refused::NoV5);
             }
         };
-        let limits = Arc::new(limits.borrow().clone());
-        let Some(permit) = Permit::take(&active, limits.max_connections) else {
-            inc(&health.counters.front_door_refused);
-            if let Some(held) = refused_log.check() {
-                warn!(%peer, max_connections = limits.max_connections, earlier_warnings_suppressed = held,
-                    "device connection refused: local.max_connections reached");
-            }
-            continue;
+        let credentials = Credentials {
+            username: connect.username.map(str::to_owned),
+            password: connect.password.map(<[u8]>::to_vec),
+            certificate_name,
         };
-        let health = health.clone();
-        tokio::spawn(async move {
-            if let Err(reason) = handle(stream, backend, &limits).await {
-                inc(&health.counters.front_door_refused);
-                debug!(%peer, %reason, "device connection closed by the front door");
+        let username = match self.login(peer, &credentials).await {
+            Ok(username) => username,
+            Err(refusal) => {
+                let refusal_packet = ConnAck::refusal(protocol, refusal.code(protocol));
+                let _ = device.write_all(&refusal_packet).await;
+                let _ = device.flush().await;
+                return Err(Refused::Login {
+                    reason: refusal.as_str(),
+                    user: credentials.username,
+                    client_id: connect.client_id.to_owned(),
+                });
             }
-            drop(permit);
-        });
+        };
+        let keep_alive_zero = connect.keep_alive == 0;
+        if keep_alive_zero {
+            info!(client_id = %connect.client_id, "device connected with keepalive 0; the gateway keeps its session alive");
+        }
+        let info = ConnInfo {
+            peer,
+            protocol,
+            client_id: connect.client_id.to_owned(),
+            username,
+            clean_start: connect.clean_start,
+            session_expiry: match protocol {
+                Protocol::V5 => Some(connect.session_expiry()?),
+                Protocol::V311 => None,
+            },
+        };
+        let forwarded = Connect {
+            keep_alive: if keep_alive_zero {
+                MAX_KEEPALIVE
+            } else {
+                connect.keep_alive
+            },
+            username: Some(&self.side_door.username),
+            password: Some(self.side_door.password.as_bytes()),
+            ..connect
+        }
+        .encode();
+        framer.consume(len);
+
+        let mut broker = TcpStream::connect(backend)
+            .await
+            .map_err(|e| Refused::Broker(format!("connecting to {backend}: {e}")))?;
+        let _ = broker.set_nodelay(true);
+        broker
+            .write_all(&forwarded)
+            .await
+            .map_err(|e| Refused::Broker(format!("forwarding CONNECT: {e}")))?;
+        let hooks = self.hooks.iter().filter_map(|f| f.open(&info)).collect();
+        let chain = Mutex::new(Chain::new(protocol, hooks));
+        let result = Box::pin(self.splice(device, broker, framer, &chain, keep_alive_zero)).await;
+        chain.lock().unwrap_or_else(|p| p.into_inner()).closed();
+        result
+    }
+
+    /// Judges a login; a failing address waits its turn first.
+    async fn login(
+        &self,
+        peer: SocketAddr,
+        credentials: &Credentials,
+    ) -> Result<Option<String>, Refusal> {
+        let wait = self.throttle.admit(peer.ip());
+        if !wait.is_zero() {
+            debug!(%peer, ?wait, "slowing down an address with failed logins");
+            tokio::time::sleep(wait).await;
+        }
+        let policy = self.policy.load_full();
+        let hashing = policy.passwords.is_some() && credentials.username.is_some();
+        let verdict = match hashing {
+            // Password hashes take CPU time: off the async threads.
+            true => {
+                let credentials = credentials.clone();
+                tokio::task::spawn_blocking(move || {
+                    auth::authenticate(
+                        policy.passwords.as_ref(),
+                        policy.allow_anonymous,
+                        &credentials,
+                    )
+                })
+                .await
+                .unwrap_or(Err(Refusal::NotAuthorized))
+            }
+            false => auth::authenticate(
+                policy.passwords.as_ref(),
+                policy.allow_anonymous,
+                credentials,
+            ),
+        };
+        match verdict {
+            Ok(_) => self.throttle.succeeded(peer.ip()),
+            Err(_) => self.throttle.failed(peer.ip()),
+        }
+        verdict
+    }
+
+    /// Moves packets both ways until either side closes.
+    async fn splice<S>(
+        &self,
+        device: S,
+        broker: TcpStream,
+        device_framer: Framer,
+        chain: &Mutex<Chain>,
+        keep_alive_zero: bool,
+    ) -> Result<(), Refused>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let (device_rx, device_tx) = tokio::io::split(device);
+        let (broker_rx, broker_tx) = broker.into_split();
+        let (to_device, device_inbox) = mpsc::channel(CROSS_QUEUE);
+        let (to_broker, broker_inbox) = mpsc::channel(CROSS_QUEUE);
+        let owed_pings = AtomicU32::new(0);
+        let up = Pump {
+            direction: Direction::FromDevice,
+            reader: device_rx,
+            writer: broker_tx,
+            framer: device_framer,
+            inbox: broker_inbox,
+            across: to_device,
+            chain,
+            owed_pings: &owed_pings,
+            ping_idle: keep_alive_zero,
+            out: Vec::new(),
+        };
+        let down = Pump {
+            direction: Direction::FromBroker,
+            reader: broker_rx,
+            writer: device_tx,
+            framer: Framer::new(self.limits.borrow().max_packet, self.broker_budget.clone()),
+            inbox: device_inbox,
+            across: to_broker,
+            chain,
+            owed_pings: &owed_pings,
+            ping_idle: false,
+            out: Vec::new(),
+        };
+        tokio::select! {
+            up = up.run() => up,
+            down = down.run() => down.map_err(|e| match e {
+                Refused::Packet(e) => Refused::Broker(format!("unreadable packet: {e}")),
+                other => other,
+            }),
+        }
     }
 }
 
@@ -129,313 +531,211 @@ impl Drop for Permit {
     }
 }
 
-async fn handle(mut device: TcpStream, backend: SocketAddr, limits: &Limits) -> Result<(), String> {
-    let _ = device.set_nodelay(true);
-    let mut packet = tokio::time::timeout(
-        limits.connect_timeout,
-        read_packet(&mut device, limits.max_packet),
-    )
-    .await
-    .map_err(|_| "no CONNECT within local.connect_timeout".to_owned())?
-    .map_err(|e| format!("reading CONNECT: {e}"))?;
-    let connect = parse_connect(&packet).map_err(|e| e.to_string())?;
-    if connect.client_id.starts_with(INTERNAL_ID_PREFIX) {
-        warn!(client_id = %connect.client_id, "device refused: client ids starting with {INTERNAL_ID_PREFIX} are reserved for the gateway");
-        let refusal: &[u8] = if connect.level == 5 {
-            &[0x20, 0x03, 0x00, 0x85, 0x00]
-        } else {
-            &[0x20, 0x02, 0x00, 0x02]
-        };
-        let _ = device.write_all(refusal).await;
-        return Err("reserved client id".into());
-    }
-    let keep_alive_zero = connect.keep_alive == 0;
-    if keep_alive_zero {
-        let body = body_offset(&packet).ok_or("malformed CONNECT")? + connect.keep_alive_at;
-        packet[body..body + 2].copy_from_slice(&MAX_KEEPALIVE.to_be_bytes());
-        info!(client_id = %connect.client_id, "device connected with keepalive 0; the gateway keeps its session alive");
-    }
-    let mut broker = TcpStream::connect(backend)
-        .await
-        .map_err(|e| format!("connecting to the embedded broker: {e}"))?;
-    let _ = broker.set_nodelay(true);
-    broker
-        .write_all(&packet)
-        .await
-        .map_err(|e| format!("forwarding CONNECT: {e}"))?;
-    if keep_alive_zero {
-        splice_with_pings(device, broker, limits.max_packet).await;
-    } else {
-        let _ = tokio::io::copy_bidirectional(&mut device, &mut broker).await;
-    }
-    Ok(())
-}
-
-/// Reads one whole MQTT packet (fixed header included).
-async fn read_packet(stream: &mut TcpStream, max: usize) -> std::io::Result<Vec<u8>> {
-    let mut packet = vec![stream.read_u8().await?];
-    let mut remaining: usize = 0;
-    for i in 0..4 {
-        let b = stream.read_u8().await?;
-        packet.push(b);
-        remaining |= ((b & 0x7F) as usize) << (7 * i);
-        if b & 0x80 == 0 {
-            break;
+/// Raises the soft limit of open files to the hard limit: each device costs three
+/// descriptors in this process (its socket, the front door's connection to rumqttd and
+/// rumqttd's end of it), and systemd's default soft limit of 1024 would refuse devices
+/// long before `local.max_connections`. Returns the limit now in force.
+pub fn raise_open_files_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
         }
-        if i == 3 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                "bad remaining length",
-            ));
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
         }
     }
-    if remaining > max {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            ConnectError::TooLarge(remaining).to_string(),
-        ));
-    }
-    let start = packet.len();
-    packet.resize(start + remaining, 0);
-    stream.read_exact(&mut packet[start..]).await?;
-    Ok(packet)
+    limit.rlim_cur
 }
 
-/// Length of a complete frame at the start of `buf`: Ok(None) if more bytes are needed.
-fn frame_len(buf: &[u8]) -> Result<Option<usize>, ConnectError> {
-    let mut remaining: usize = 0;
-    for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else {
-            return Ok(None);
-        };
-        remaining |= ((b & 0x7F) as usize) << (7 * i);
-        if b & 0x80 == 0 {
-            let total = 2 + i + remaining;
-            return Ok((buf.len() >= total).then_some(total));
-        }
-    }
-    Err(ConnectError::Malformed)
+/// The largest single read.
+const READ_SIZE: usize = 16 * 1024;
+
+thread_local! {
+    /// Where every connection served by this thread reads into: reads can be large (few
+    /// system calls), while a connection's framer keeps only the bytes that arrived.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; READ_SIZE]);
 }
 
-fn body_offset(packet: &[u8]) -> Option<usize> {
-    (1..5)
-        .find(|&i| packet.get(i).is_some_and(|b| b & 0x80 == 0))
-        .map(|i| i + 1)
-}
-
-fn parse_connect(packet: &[u8]) -> Result<Connect, ConnectError> {
-    let kind = packet.first().ok_or(ConnectError::Malformed)? >> 4;
-    if kind != 1 {
-        return Err(ConnectError::NotConnect(kind));
-    }
-    let body = &packet[body_offset(packet).ok_or(ConnectError::Malformed)?..];
-    let mut r = Reader { buf: body, at: 0 };
-    let name_len = r.u16()? as usize;
-    r.skip(name_len)?;
-    let level = r.u8()?;
-    let _flags = r.u8()?;
-    let keep_alive_at = r.at;
-    let keep_alive = r.u16()?;
-    if level == 5 {
-        let props = r.varint()?;
-        r.skip(props)?;
-    }
-    let id_len = r.u16()? as usize;
-    let id = r.take(id_len)?;
-    let client_id = std::str::from_utf8(id)
-        .map_err(|_| ConnectError::Malformed)?
-        .to_owned();
-    Ok(Connect {
-        level,
-        keep_alive,
-        keep_alive_at,
-        client_id,
+/// Reads what `reader` has ready (16 KiB at most) and hands exactly those bytes to
+/// `framer`; 0 at the end of the stream. The scratch buffer is borrowed only within one
+/// poll, so this is as cancel-safe as `poll_read` itself.
+async fn read_into<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    framer: &mut Framer,
+) -> Result<usize, Refused> {
+    std::future::poll_fn(|cx| {
+        SCRATCH.with(|scratch| {
+            let mut scratch = scratch.borrow_mut();
+            let mut buf = ReadBuf::new(&mut scratch[..]);
+            match Pin::new(&mut *reader).poll_read(cx, &mut buf) {
+                Poll::Pending => Poll::Pending,
+                Poll::Ready(Err(e)) => Poll::Ready(Err(Refused::Io(e))),
+                Poll::Ready(Ok(())) => {
+                    let n = buf.filled().len();
+                    Poll::Ready(framer.push(buf.filled()).map(|()| n).map_err(Refused::from))
+                }
+            }
+        })
     })
+    .await
 }
 
-struct Reader<'a> {
-    buf: &'a [u8],
-    at: usize,
-}
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], ConnectError> {
-        let s = self
-            .buf
-            .get(self.at..self.at + n)
-            .ok_or(ConnectError::Malformed)?;
-        self.at += n;
-        Ok(s)
-    }
-
-    fn skip(&mut self, n: usize) -> Result<(), ConnectError> {
-        self.take(n).map(|_| ())
-    }
-
-    fn u8(&mut self) -> Result<u8, ConnectError> {
-        Ok(self.take(1)?[0])
-    }
-
-    fn u16(&mut self) -> Result<u16, ConnectError> {
-        let b = self.take(2)?;
-        Ok(u16::from_be_bytes([b[0], b[1]]))
-    }
-
-    fn varint(&mut self) -> Result<usize, ConnectError> {
-        let mut value = 0;
-        for i in 0..4 {
-            let b = self.u8()?;
-            value |= ((b & 0x7F) as usize) << (7 * i);
-            if b & 0x80 == 0 {
-                return Ok(value);
-            }
+/// Reads until one whole packet is in `framer`; returns its length.
+async fn read_frame<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    framer: &mut Framer,
+) -> Result<usize, Refused> {
+    loop {
+        if let Some(frame) = framer.peek()? {
+            return Ok(frame.len());
         }
-        Err(ConnectError::Malformed)
+        if read_into(stream, framer).await? == 0 {
+            return Err(Refused::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
     }
 }
 
-/// Splices a keepalive-0 device, whole packets at a time, so that PINGREQs can be slipped in
-/// between its packets when it is idle and their PINGRESPs taken out of the way back.
-async fn splice_with_pings(device: TcpStream, broker: TcpStream, max_packet: usize) {
-    let (mut device_rx, mut device_tx) = device.into_split();
-    let (mut broker_rx, mut broker_tx) = broker.into_split();
-    let owed = Arc::new(AtomicU32::new(0));
-    let owed_up = owed.clone();
-    let up = async move {
-        let mut buf = Vec::with_capacity(4096);
-        let mut chunk = vec![0u8; 16 * 1024];
+/// One direction of a spliced connection: reads and frames from one side, runs each
+/// packet through the hooks, writes to the other side. Packets the hooks address to the
+/// side this pump reads from go `across` to the other pump, which owns that writer.
+struct Pump<'a, R, W> {
+    direction: Direction,
+    reader: R,
+    writer: W,
+    framer: Framer,
+    /// Packets the other pump's hooks send to this pump's writer.
+    inbox: mpsc::Receiver<Bytes>,
+    across: mpsc::Sender<Bytes>,
+    chain: &'a Mutex<Chain>,
+    owed_pings: &'a AtomicU32,
+    /// Ping rumqttd when the device is silent (keepalive 0).
+    ping_idle: bool,
+    out: Vec<u8>,
+}
+
+impl<R, W> Pump<'_, R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    async fn run(mut self) -> Result<(), Refused> {
+        // The CONNECT may have come with more packets behind it.
+        self.process().await?;
+        let idle = tokio::time::sleep(PING_EVERY);
+        tokio::pin!(idle);
         loop {
-            match tokio::time::timeout(PING_EVERY, device_rx.read(&mut chunk)).await {
-                Err(_) if buf.is_empty() => {
-                    owed_up.fetch_add(1, Ordering::Relaxed);
-                    if broker_tx.write_all(&PINGREQ).await.is_err() {
-                        return;
+            tokio::select! {
+                read = read_into(&mut self.reader, &mut self.framer) => {
+                    if read? == 0 {
+                        return Ok(());
+                    }
+                    self.process().await?;
+                    if self.ping_idle {
+                        idle.as_mut().reset(Instant::now() + PING_EVERY);
                     }
                 }
-                Err(_) => {}
-                Ok(Ok(0)) | Ok(Err(_)) => return,
-                Ok(Ok(n)) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    if forward_frames(&mut buf, &mut broker_tx, max_packet, |_| true)
-                        .await
-                        .is_err()
-                    {
-                        return;
+                Some(packet) = self.inbox.recv() => {
+                    self.writer.write_all(&packet).await?;
+                    self.writer.flush().await?;
+                }
+                _ = idle.as_mut(), if self.ping_idle => {
+                    idle.as_mut().reset(Instant::now() + PING_EVERY);
+                    if self.framer.buffered() == 0 {
+                        self.owed_pings.fetch_add(1, Ordering::Relaxed);
+                        self.writer.write_all(&packet::PINGREQ_PACKET).await?;
+                        self.writer.flush().await?;
                     }
                 }
             }
         }
-    };
-    let down = async move {
-        let mut buf = Vec::with_capacity(4096);
-        let mut chunk = vec![0u8; 16 * 1024];
+    }
+
+    /// Runs every whole packet in the framer through the hooks and writes what passes.
+    async fn process(&mut self) -> Result<(), Refused> {
+        let mut replies = Replies::default();
+        while let Some(frame) = self.framer.peek()? {
+            let len = frame.len();
+            let verdict = if self.hidden_ping(frame) {
+                Verdict::Drop
+            } else {
+                let mut chain = self.chain.lock().unwrap_or_else(|p| p.into_inner());
+                chain.run(self.direction, frame, &mut replies)?
+            };
+            match verdict {
+                Verdict::Pass => self.out.extend_from_slice(frame),
+                Verdict::Replace(bytes) => self.out.extend_from_slice(&bytes),
+                Verdict::Drop => {}
+                Verdict::Close(why) => return Err(Refused::Protocol(why)),
+            }
+            self.framer.consume(len);
+            let (ours, theirs) = match self.direction {
+                Direction::FromDevice => (&mut replies.to_broker, &mut replies.to_device),
+                Direction::FromBroker => (&mut replies.to_device, &mut replies.to_broker),
+            };
+            for packet in ours.drain(..) {
+                self.out.extend_from_slice(&packet);
+            }
+            let across = std::mem::take(theirs);
+            if self.out.len() >= WRITE_BATCH || !across.is_empty() {
+                self.write_out().await?;
+            }
+            for packet in across {
+                self.send_across(packet).await?;
+            }
+        }
+        self.write_out().await
+    }
+
+    /// A PINGRESP answering the front door's own PINGREQ: the device never asked.
+    fn hidden_ping(&self, frame: &[u8]) -> bool {
+        self.direction == Direction::FromBroker
+            && frame == [packet::PINGRESP << 4, 0]
+            && self
+                .owed_pings
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| o.checked_sub(1))
+                .is_ok()
+    }
+
+    async fn write_out(&mut self) -> Result<(), Refused> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        self.writer.write_all(&self.out).await?;
+        self.writer.flush().await?;
+        self.out.clear();
+        if self.out.capacity() > 2 * WRITE_BATCH {
+            self.out = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Hands a packet to the other pump; while waiting for room, keeps writing what the
+    /// other pump hands this one, so that two pumps can never wait on each other.
+    async fn send_across(&mut self, packet: Bytes) -> Result<(), Refused> {
         loop {
-            match broker_rx.read(&mut chunk).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => {
-                    buf.extend_from_slice(&chunk[..n]);
-                    let keep = |frame: &[u8]| {
-                        !(frame == PINGRESP
-                            && owed
-                                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |o| {
-                                    o.checked_sub(1)
-                                })
-                                .is_ok())
-                    };
-                    if forward_frames(&mut buf, &mut device_tx, usize::MAX, keep)
-                        .await
-                        .is_err()
-                    {
-                        return;
+            tokio::select! {
+                permit = self.across.reserve() => {
+                    if let Ok(permit) = permit {
+                        permit.send(packet);
                     }
+                    return Ok(());
+                }
+                Some(incoming) = self.inbox.recv() => {
+                    self.writer.write_all(&incoming).await?;
+                    self.writer.flush().await?;
                 }
             }
         }
-    };
-    tokio::select! {
-        _ = up => {},
-        _ = down => {},
-    }
-}
-
-/// Writes every complete frame in `buf` that `keep` accepts, leaving a partial one in `buf`.
-async fn forward_frames(
-    buf: &mut Vec<u8>,
-    out: &mut tokio::net::tcp::OwnedWriteHalf,
-    max_packet: usize,
-    mut keep: impl FnMut(&[u8]) -> bool,
-) -> Result<(), ConnectError> {
-    let mut at = 0;
-    while let Some(len) = frame_len(&buf[at..])? {
-        let frame = &buf[at..at + len];
-        if keep(frame) && out.write_all(frame).await.is_err() {
-            return Err(ConnectError::Malformed);
-        }
-        at += len;
-    }
-    buf.drain(..at);
-    if buf.len() > max_packet {
-        return Err(ConnectError::TooLarge(buf.len()));
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn connect_v4(client_id: &str, keep_alive: u16) -> Vec<u8> {
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 4, 0x02];
-        body.extend_from_slice(&keep_alive.to_be_bytes());
-        body.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
-        body.extend_from_slice(client_id.as_bytes());
-        let mut packet = vec![0x10, body.len() as u8];
-        packet.extend(body);
-        packet
-    }
-
-    #[test]
-    fn parses_a_v4_connect() {
-        let c = parse_connect(&connect_v4("dev-1", 0)).unwrap();
-        assert_eq!(c.client_id, "dev-1");
-        assert_eq!(c.keep_alive, 0);
-        assert_eq!(c.level, 4);
-        assert_eq!(c.keep_alive_at, 8);
-    }
-
-    #[test]
-    fn parses_a_v5_connect_with_properties() {
-        let mut body = vec![0, 4, b'M', b'Q', b'T', b'T', 5, 0x02, 0, 30];
-        body.extend_from_slice(&[5, 0x11, 0, 0, 0, 10]); // session expiry interval
-        body.extend_from_slice(&[0, 2, b'v', b'5']);
-        let mut packet = vec![0x10, body.len() as u8];
-        packet.extend(body);
-        let c = parse_connect(&packet).unwrap();
-        assert_eq!((c.level, c.keep_alive, c.client_id.as_str()), (5, 30, "v5"));
-    }
-
-    #[test]
-    fn refuses_garbage() {
-        assert_eq!(
-            parse_connect(&[0x30, 0x00]),
-            Err(ConnectError::NotConnect(3))
-        );
-        assert_eq!(
-            parse_connect(&[0x10, 0x03, 0, 4, b'M']),
-            Err(ConnectError::Malformed)
-        );
-        assert_eq!(parse_connect(&[]), Err(ConnectError::Malformed));
-    }
-
-    #[test]
-    fn frames_are_cut_at_their_length() {
-        assert_eq!(frame_len(&[0xC0]), Ok(None));
-        assert_eq!(frame_len(&[0xC0, 0x00, 0x30]), Ok(Some(2)));
-        assert_eq!(frame_len(&[0x30, 0x03, 1, 2]), Ok(None));
-        assert_eq!(frame_len(&[0x30, 0x80, 0x01]), Ok(None));
-        assert_eq!(
-            frame_len(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF]),
-            Err(ConnectError::Malformed)
-        );
     }
 }

@@ -1,29 +1,28 @@
-//! The front door's listener tasks (MQTT 3.1.1 on `local.listen`, MQTT 5 on
-//! `local.listen_v5`), each replaceable: a reload that moves a listen address binds the new
-//! one and retires the old listener, while the device connections it accepted stay.
+//! The front door's listener tasks (`local.listen`, `local.listen_v5`, `local.tls_listen`),
+//! each replaceable: a reload that moves a listen address binds the new one and retires the
+//! old listener, while the device connections it accepted stay.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::front_door::{self, Limits};
-use crate::health::SharedHealth;
+use super::front_door::{FrontDoor, TlsListener};
 use crate::supervisor::{Supervisor, Task};
 
-/// One listener: where it listens, where it splices to, and its task.
+/// One listener: where it listens, whether it speaks TLS, and its task.
 struct Listener {
     key: &'static str,
     listen: SocketAddr,
-    backend: SocketAddr,
+    tls: Option<TlsListener>,
     task: Task,
 }
 
 pub struct Listeners {
     listeners: Vec<Listener>,
-    limits: watch::Receiver<Limits>,
-    health: SharedHealth,
+    door: Option<Arc<FrontDoor>>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -36,43 +35,44 @@ pub async fn bind(listen: SocketAddr, key: &str) -> anyhow::Result<TcpListener> 
 }
 
 impl Listeners {
-    pub fn new(
-        limits: watch::Receiver<Limits>,
-        health: SharedHealth,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    pub fn new(shutdown: watch::Receiver<bool>) -> Self {
         Listeners {
             listeners: Vec::new(),
-            limits,
-            health,
+            door: None,
             shutdown,
         }
     }
 
-    /// Starts serving `listener` (bound to the address of `key`) toward `backend`.
+    /// The front door the listeners serve; set once, before the first [`serve`](Self::serve).
+    pub fn open(&mut self, door: Arc<FrontDoor>) {
+        self.door = Some(door);
+    }
+
+    /// Starts serving `listener` (bound to the address of `key`), with TLS if given.
     pub fn serve(
         &mut self,
         supervisor: &mut Supervisor,
         key: &'static str,
         listener: TcpListener,
-        backend: SocketAddr,
+        tls: Option<TlsListener>,
     ) {
-        let listen = listener.local_addr().unwrap_or(backend);
-        info!(%listen, key, "local broker accepting devices");
+        let Some(door) = self.door.clone() else {
+            warn!(key, "no front door to serve this listener");
+            return;
+        };
+        let Ok(listen) = listener.local_addr() else {
+            warn!(key, "a listener without an address");
+            return;
+        };
+        info!(%listen, key, tls = tls.is_some(), "local broker accepting devices");
         let task = supervisor.spawn(
             format!("front door {key}"),
-            front_door::serve(
-                listener,
-                backend,
-                self.limits.clone(),
-                self.health.clone(),
-                self.shutdown.clone(),
-            ),
+            door.serve(listener, tls.clone(), self.shutdown.clone()),
         );
         self.listeners.push(Listener {
             key,
             listen,
-            backend,
+            tls,
             task,
         });
     }
@@ -105,7 +105,7 @@ impl Listeners {
                     Err(e) => {
                         warn!(error = %e, "binding the new address failed; going back to the old one");
                         let back = bind(old.listen, key).await?;
-                        self.serve(supervisor, key, back, old.backend);
+                        self.serve(supervisor, key, back, old.tls);
                         return Err(e);
                     }
                 }
@@ -114,7 +114,7 @@ impl Listeners {
         };
         let (new, old) = new;
         info!(from = %old.listen, to = %listen, key, "front door moved; connected devices stay");
-        self.serve(supervisor, key, new, old.backend);
+        self.serve(supervisor, key, new, old.tls);
         Ok(())
     }
 }

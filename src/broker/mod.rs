@@ -1,13 +1,24 @@
 //! The site's local MQTT broker: embedded rumqttd behind our own front door, and the one
 //! intake subscription through which local messages reach the outbox.
 //!
-//! rumqttd listens only on internal loopback ports; devices connect to `local.listen`, where
-//! the [`front_door`] accepts them, fixes what rumqttd refuses (keepalive 0), keeps devices
-//! away from the internal link ids, and splices the connection through.
+//! rumqttd listens only on internal loopback ports that take only the front door's
+//! per-start credential; devices connect to `local.listen` (and `local.tls_listen`), where
+//! the [`front_door`] authenticates them, fixes what rumqttd refuses (keepalive 0), keeps
+//! devices away from the internal link ids, and splices the connection through, packet by
+//! packet: [`packet`] frames and parses, [`hook`]s look at every packet ([`acl`] through
+//! the gate), [`auth`] and [`policy`] hold the password and ACL files, [`tls`] the device
+//! certificates.
 
+pub mod acl;
+pub mod auth;
 pub mod front_door;
+mod gate;
+pub mod hook;
 mod intake;
 pub mod listeners;
+pub mod packet;
+pub mod policy;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -21,6 +32,7 @@ use tracing::{error, info};
 
 use crate::config::LocalConfig;
 
+pub use gate::GateFactory;
 pub use intake::{run_intake, IntakeRule, Rules as IntakeRules};
 
 /// Client ids of the gateway's own in-process links start with this; the front door refuses
@@ -56,6 +68,40 @@ pub struct LocalBroker {
     /// Where the front door sends MQTT 3.1.1 and MQTT 5 connections.
     pub internal_v4: SocketAddr,
     pub internal_v5: Option<SocketAddr>,
+    /// The only login rumqttd's internal ports take.
+    pub side_door: SideDoor,
+}
+
+/// The credential of the front door at rumqttd's internal ports, new at every start: a
+/// process on the box that connects to those ports directly does not know it, so it
+/// cannot walk around the front door's checks. The gateway's in-process links do not use
+/// TCP and need none.
+#[derive(Clone)]
+pub struct SideDoor {
+    pub username: String,
+    pub password: String,
+}
+
+impl SideDoor {
+    fn new() -> Self {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        let password: String = (0..32)
+            .map(|_| format!("{:02x}", rng.gen::<u8>()))
+            .collect();
+        SideDoor {
+            username: format!("{INTERNAL_ID_PREFIX}front-door"),
+            password,
+        }
+    }
+}
+
+impl std::fmt::Debug for SideDoor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SideDoor")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A bidirectional in-process connection to the router.
@@ -95,6 +141,8 @@ impl LocalBroker {
             Some(_) => Some(free_loopback_port()?),
             None => None,
         };
+        let side_door = SideDoor::new();
+        let login = HashMap::from([(side_door.username.clone(), side_door.password.clone())]);
         let settings = |name: &str, listen: SocketAddr| ServerSettings {
             name: name.to_owned(),
             listen,
@@ -104,7 +152,7 @@ impl LocalBroker {
                 connection_timeout_ms: config.connect_timeout.as_millis().min(60_000) as u16,
                 max_payload_size: config.max_payload + PACKET_OVERHEAD,
                 max_inflight_count: 100,
-                auth: None,
+                auth: Some(login.clone()),
                 external_auth: None,
                 dynamic_filters: true,
             },
@@ -133,6 +181,7 @@ impl LocalBroker {
             broker: Broker::new(rumqttd_config),
             internal_v4,
             internal_v5,
+            side_door,
         })
     }
 
@@ -149,6 +198,7 @@ impl LocalBroker {
     /// Starts serving on the internal ports, on a thread of its own (rumqttd blocks forever
     /// and has no shutdown; the process exit ends it).
     pub fn start(mut self) -> Result<(), BrokerError> {
+        let (v4, v5) = (self.internal_v4, self.internal_v5);
         std::thread::Builder::new()
             .name("rumqttd".into())
             .spawn(move || {
@@ -157,7 +207,7 @@ impl LocalBroker {
                 }
             })
             .map_err(BrokerError::Thread)?;
-        info!("embedded broker started");
+        info!(internal_v4 = %v4, internal_v5 = ?v5, "embedded broker started; its internal ports take only the front door's per-start credential");
         Ok(())
     }
 }

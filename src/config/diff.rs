@@ -12,17 +12,20 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use super::{Config, GatewayConfig, LocalConfig, ModbusDevice, SerialSensor};
+use super::{Config, GatewayConfig, LocalConfig, LocalSecurity, ModbusDevice, SerialSensor};
 
 /// The files a config names whose content is part of the config: a rotated certificate is
 /// applied like an edit of the file. `(key, path)`.
 pub fn watched_files(config: &Config) -> Vec<(&'static str, PathBuf)> {
     let cloud = &config.cloud;
+    let security = &config.local.security;
     [
         ("cloud.ca_file", &cloud.ca_file),
         ("cloud.cert_file", &cloud.cert_file),
         ("cloud.key_file", &cloud.key_file),
         ("cloud.password_file", &cloud.password_file),
+        ("local.password_file", &security.password_file),
+        ("local.acl_file", &security.acl_file),
     ]
     .into_iter()
     .filter_map(|(key, path)| path.clone().map(|path| (key, path)))
@@ -101,6 +104,8 @@ pub struct ConfigDiff {
     pub serial: DeviceChanges,
     /// `[local]` keys applied live by the front door.
     pub local: Vec<&'static str>,
+    /// Device passwords and ACL: the keys, or the files' content, that changed.
+    pub security: Vec<String>,
     /// `[gateway]` keys applied live by the status reporter.
     pub gateway: Vec<&'static str>,
     /// Keys whose new value differs from the one the gateway started with and that only a
@@ -158,6 +163,17 @@ impl ConfigDiff {
             serial: DeviceChanges::between(&old.serial, &new.serial, |s: &SerialSensor| &s.name),
             local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
                 max_connections, connect_timeout),
+            security: changed_keys!(old.local.security, new.local.security, "local":
+                password_file, allow_anonymous, acl_file)
+            .into_iter()
+            .map(str::to_owned)
+            .chain(
+                changed_files
+                    .iter()
+                    .filter(|key| key.starts_with("local."))
+                    .map(|key| format!("{key} (content)")),
+            )
+            .collect(),
             gateway: changed_keys!(old.gateway, new.gateway, "gateway": id,
                 metrics_topic, metrics_interval),
             restart_needed,
@@ -197,6 +213,12 @@ impl ConfigDiff {
         devices(&mut parts, "serial", &self.serial);
         if !self.local.is_empty() {
             parts.push(format!("front door applied ({})", self.local.join(", ")));
+        }
+        if !self.security.is_empty() {
+            parts.push(format!(
+                "device passwords and ACL reloaded ({})",
+                self.security.join(", ")
+            ));
         }
         if !self.gateway.is_empty() {
             parts.push(format!("status applied ({})", self.gateway.join(", ")));
@@ -268,6 +290,12 @@ pub fn applicable(started: &Config, new: &Config) -> Config {
         },
         max_connections: new.local.max_connections.min(started.local.max_connections),
         connect_timeout: new.local.connect_timeout,
+        security: LocalSecurity {
+            password_file: new.local.security.password_file.clone(),
+            allow_anonymous: new.local.security.allow_anonymous,
+            acl_file: new.local.security.acl_file.clone(),
+            ..started.local.security.clone()
+        },
         ..started.local.clone()
     };
     config.queue.fsync = started.queue.fsync;
@@ -294,12 +322,19 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
     if new.local.max_connections > started.local.max_connections {
         keys.push("local.max_connections");
     }
+    if new.local.security.max_subscriptions != started.local.security.max_subscriptions {
+        keys.push("local.max_subscriptions");
+    }
+    if new.local.security.tls != started.local.security.tls {
+        keys.push("local.tls_listen (and its keys)");
+    }
     let local_rest = LocalConfig {
         listen: started.local.listen,
         listen_v5: started.local.listen_v5,
         max_payload: started.local.max_payload,
         max_connections: started.local.max_connections,
         connect_timeout: started.local.connect_timeout,
+        security: started.local.security.clone(),
         ..new.local.clone()
     };
     if local_rest != started.local {

@@ -8,6 +8,7 @@ pub mod diff;
 mod field;
 mod locate;
 mod raw;
+mod security;
 mod units;
 mod url;
 mod validate;
@@ -192,13 +193,45 @@ pub struct LocalConfig {
     pub max_payload: usize,
     /// Most device connections at once (front door refuses more).
     pub max_connections: usize,
-    /// Time a new connection has to send its CONNECT.
+    /// Time a new connection has to send its CONNECT (and finish its TLS handshake).
     pub connect_timeout: Duration,
+    /// Passwords, ACLs, TLS and per-client limits for devices.
+    pub security: LocalSecurity,
+}
+
+/// Who may connect to the local broker and what they may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalSecurity {
+    /// mosquitto_passwd file of device users.
+    pub password_file: Option<PathBuf>,
+    /// Whether clients without a user name are let in.
+    pub allow_anonymous: bool,
+    /// mosquitto-format ACL file; None: every client may do everything.
+    pub acl_file: Option<PathBuf>,
+    /// Filters one connection may be subscribed to at once.
+    pub max_subscriptions: usize,
+    /// The TLS listener for devices, if any.
+    pub tls: Option<DeviceTls>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeviceTls {
+    pub listen: SocketAddr,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// CA certificates that client certificates must chain to.
+    pub ca_file: Option<PathBuf>,
+    pub require_certificate: bool,
+    /// The client certificate's common name is the client's user name.
+    pub use_identity_as_username: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct CloudConfig {
+    /// The cloud broker (the first of `cloud.url`'s list).
     pub url: CloudUrl,
+    /// Further nodes of the cloud broker, tried in order when the one before fails.
+    pub failover: Vec<CloudUrl>,
     /// Telemetry connection client id.
     pub client_id: String,
     /// Command connection client id.
@@ -224,6 +257,16 @@ pub struct CloudUrl {
     pub tls: bool,
     pub host: String,
     pub port: u16,
+}
+
+impl fmt::Display for CloudUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
+        match self.host.contains(':') {
+            true => write!(f, "{scheme}://[{}]:{}", self.host, self.port),
+            false => write!(f, "{scheme}://{}:{}", self.host, self.port),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

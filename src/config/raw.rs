@@ -37,12 +37,23 @@ pub struct RawLocal {
     pub max_payload: Option<Value>,
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<Value>,
+    pub password_file: Option<String>,
+    pub allow_anonymous: Option<bool>,
+    pub acl_file: Option<String>,
+    pub max_subscriptions: Option<i64>,
+    pub tls_listen: Option<String>,
+    pub cert_file: Option<String>,
+    pub key_file: Option<String>,
+    pub ca_file: Option<String>,
+    pub require_certificate: Option<bool>,
+    pub use_identity_as_username: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
 pub struct RawCloud {
-    pub url: Option<String>,
+    /// One URL, or a list of the nodes to fail over across.
+    pub url: Option<Value>,
     pub client_id: Option<String>,
     pub command_client_id: Option<String>,
     pub keep_alive: Option<Value>,
@@ -330,8 +341,8 @@ mod tests {
             "uplink[1].qos: invalid type: float `1.0`, expected an integer"
         );
         assert_eq!(
-            wrong_type_message("[cloud]\nurl = [\"x\"]\n"),
-            "cloud.url: invalid type: array, expected a string"
+            wrong_type_message("[cloud]\nusername = [\"x\"]\n"),
+            "cloud.username: invalid type: array, expected a string"
         );
     }
 }

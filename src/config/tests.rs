@@ -48,6 +48,13 @@ fn a_minimal_file_gets_every_default() {
             max_payload: 256 * 1024,
             max_connections: 1000,
             connect_timeout: Duration::from_secs(10),
+            security: LocalSecurity {
+                password_file: None,
+                allow_anonymous: true,
+                acl_file: None,
+                max_subscriptions: 1000,
+                tls: None,
+            },
         },
         cloud: CloudConfig {
             url: CloudUrl {
@@ -55,6 +62,7 @@ fn a_minimal_file_gets_every_default() {
                 host: "127.0.0.1".into(),
                 port: 1883,
             },
+            failover: vec![],
             client_id: "gw-9".into(),
             command_client_id: "gw-9-cmd".into(),
             keep_alive: Duration::from_secs(30),
@@ -368,6 +376,10 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
         "key_file",
         "username",
         "password_file",
+        "acl_file",
+        "tls_listen",
+        "require_certificate",
+        "use_identity_as_username",
     ];
     let mut uncommented_keys = 0;
     let with_defaults: String = shipped
@@ -383,7 +395,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 22);
+    assert_eq!(uncommented_keys, 24);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }
@@ -541,4 +553,100 @@ fn the_shipped_field_examples_are_valid_once_uncommented() {
     assert_eq!(config.modbus[0].reads.len(), 1);
     assert_eq!(config.modbus[0].writes.len(), 1);
     assert_eq!(config.serial.len(), 1);
+}
+
+#[test]
+fn device_security_files_are_checked_line_by_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let passwd = dir.path().join("passwd");
+    let acl = dir.path().join("acl");
+    std::fs::write(&passwd, "# users\nalice:plaintext\n").expect("write passwd");
+    std::fs::write(&acl, "user alice\ntopic reed warehouse/#\n").expect("write acl");
+    let text = format!(
+        "{MINIMAL}[local]\npassword_file = {passwd:?}\nacl_file = {acl:?}\nmax_subscriptions = 0\n"
+    );
+    let passwd_why = "line 2: the hash of \"alice\" is not a mosquitto_passwd hash ($6$... or $7$...); plain-text passwords are not accepted: run mosquitto_passwd -U on the file";
+    assert_eq!(
+        problems(&text),
+        [
+            format!("test.toml:8: local.password_file: {} {passwd_why}", passwd.display()),
+            format!("test.toml:9: local.acl_file: {} line 2: \"reed\" is not an access type; use read, write, readwrite or deny", acl.display()),
+            "test.toml:10: local.max_subscriptions: 0 is out of range; accepted: 1 to 1000000".into(),
+        ]
+    );
+
+    std::fs::write(&passwd, "bob:$7$101$X9iqBpnGtsPiiO4D$yg5DjApOdMvQ7Y4+mf7oToo015X4uSnZSPfUmbYX7HL7ps7uoz9FsFFCobiuKLMVUnptbwW31+JOIRCHEFVakA==\n").expect("write passwd");
+    std::fs::write(&acl, "user bob\ntopic readwrite warehouse/#\n").expect("write acl");
+    let config = parse(&text.replace("max_subscriptions = 0", "")).expect("valid");
+    let security = config.local.security;
+    assert_eq!(security.password_file, Some(passwd.clone()));
+    assert!(
+        !security.allow_anonymous,
+        "a password file turns anonymous clients away by default"
+    );
+    assert_eq!(security.acl_file, Some(acl));
+}
+
+#[test]
+fn device_tls_needs_its_files_and_consistent_options() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let generated =
+        rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("test certificate");
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    std::fs::write(&cert, generated.cert.pem()).expect("write cert");
+    std::fs::write(&key, generated.key_pair.serialize_pem()).expect("write key");
+
+    let good = format!("{MINIMAL}[local]\ntls_listen = \"0.0.0.0:8883\"\ncert_file = {cert:?}\nkey_file = {key:?}\nca_file = {cert:?}\nrequire_certificate = true\nuse_identity_as_username = true\n");
+    let tls = parse(&good)
+        .expect("valid")
+        .local
+        .security
+        .tls
+        .expect("a TLS listener");
+    assert_eq!(
+        (
+            tls.listen,
+            tls.require_certificate,
+            tls.use_identity_as_username
+        ),
+        (addr("0.0.0.0:8883"), true, true)
+    );
+
+    let bad = format!("{MINIMAL}[local]\nlisten = \"0.0.0.0:1883\"\ntls_listen = \"127.0.0.1:1883\"\nrequire_certificate = true\nuse_identity_as_username = true\n");
+    assert_eq!(
+        problems(&bad),
+        [
+            "test.toml:7: local.cert_file: missing; local.tls_listen needs the gateway's cert_file (PEM)".to_string(),
+            "test.toml:7: local.key_file: missing; local.tls_listen needs the gateway's key_file (PEM)".into(),
+            "test.toml:9: local.tls_listen: 127.0.0.1:1883 collides with local.listen 0.0.0.0:1883; TLS needs a port of its own".into(),
+            "test.toml:10: local.require_certificate: needs local.ca_file, the CA that client certificates must chain to".into(),
+        ]
+    );
+
+    let stray = format!("{MINIMAL}[local]\ncert_file = {cert:?}\n");
+    assert_eq!(
+        problems(&stray),
+        ["test.toml:8: local.cert_file: has no effect without local.tls_listen; set tls_listen for a TLS listener, or remove this key"]
+    );
+}
+
+#[test]
+fn the_cloud_url_may_list_failover_nodes() {
+    let text = MINIMAL.replace(
+        "url = \"mqtt://127.0.0.1\"",
+        "url = [\"mqtt://a.example.com\", \"mqtt://b.example.com:1884\"]",
+    );
+    let cloud = parse(&text).expect("valid").cloud;
+    assert_eq!(cloud.url.host, "a.example.com");
+    assert_eq!(cloud.failover.len(), 1);
+    assert_eq!(cloud.failover[0].to_string(), "mqtt://b.example.com:1884");
+    let mixed = MINIMAL.replace(
+        "url = \"mqtt://127.0.0.1\"",
+        "url = [\"mqtt://a\", \"mqtts://b\"]",
+    );
+    assert_eq!(
+        problems(&mixed),
+        ["test.toml:6: cloud.url: mixes mqtt:// and mqtts://; all nodes of the list must use the same scheme"]
+    );
 }

@@ -1,5 +1,6 @@
 //! `cloud.url`: `mqtt://host[:port]` (plain TCP, port 1883 by default) or
-//! `mqtts://host[:port]` (TLS, port 8883 by default).
+//! `mqtts://host[:port]` (TLS, port 8883 by default), or a list of them: the nodes of a
+//! cloud broker cluster, tried in order.
 
 use std::net::Ipv6Addr;
 
@@ -7,6 +8,40 @@ use super::CloudUrl;
 
 const ACCEPTED: &str = "accepted: mqtt://host[:port] (plain TCP, default port 1883) \
                         or mqtts://host[:port] (TLS, default port 8883)";
+
+/// One URL or a non-empty list of them, all plain or all TLS (one set of TLS files and
+/// credentials serves every node).
+pub fn parse_list(value: &toml::Value) -> Result<Vec<CloudUrl>, String> {
+    let urls = match value {
+        toml::Value::String(text) => vec![parse(text)?],
+        toml::Value::Array(items) if !items.is_empty() => {
+            let mut urls = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                let text = item.as_str().ok_or_else(|| {
+                    format!("entry {} is {item}, not a string; {ACCEPTED}", i + 1)
+                })?;
+                let url = parse(text).map_err(|why| format!("entry {}: {why}", i + 1))?;
+                if urls.contains(&url) {
+                    return Err(format!("entry {}: {text:?} is listed twice", i + 1));
+                }
+                urls.push(url);
+            }
+            urls
+        }
+        toml::Value::Array(_) => return Err(format!("is an empty list; {ACCEPTED}")),
+        other => {
+            return Err(format!(
+                "is {other}; give one URL or a list of URLs, like url = [\"mqtts://a.example.com\", \"mqtts://b.example.com\"]"
+            ))
+        }
+    };
+    if urls.iter().any(|u| u.tls != urls[0].tls) {
+        return Err(
+            "mixes mqtt:// and mqtts://; all nodes of the list must use the same scheme".into(),
+        );
+    }
+    Ok(urls)
+}
 
 pub fn parse(url: &str) -> Result<CloudUrl, String> {
     let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
@@ -119,6 +154,33 @@ mod tests {
             parse("mqtts://[2001:db8::1]"),
             url(true, "2001:db8::1", 8883)
         );
+    }
+
+    #[test]
+    fn a_list_names_the_nodes_in_order() {
+        let list = |text: &str| parse_list(&text.parse::<toml::Value>().unwrap()["url"]);
+        assert_eq!(
+            list(r#"url = ["mqtts://a", "mqtts://b:8884"]"#),
+            Ok(vec![
+                url(true, "a", 8883).unwrap(),
+                url(true, "b", 8884).unwrap()
+            ])
+        );
+        assert_eq!(
+            list(r#"url = "mqtt://a""#),
+            Ok(vec![url(false, "a", 1883).unwrap()])
+        );
+        assert!(list(r#"url = []"#).unwrap_err().contains("empty"));
+        assert!(list(r#"url = ["mqtt://a", "mqtts://b"]"#)
+            .unwrap_err()
+            .contains("mixes"));
+        assert!(list(r#"url = ["mqtt://a", "mqtt://a"]"#)
+            .unwrap_err()
+            .contains("twice"));
+        assert!(list(r#"url = ["mqtt://a", 5]"#)
+            .unwrap_err()
+            .contains("entry 2"));
+        assert!(list(r#"url = 5"#).is_err());
     }
 
     #[test]

@@ -234,6 +234,7 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
         }
     }
     LocalConfig {
+        security: super::security::local(raw, &mut s, listen, listen_v5),
         listen,
         listen_v5,
         max_payload: s.size(
@@ -258,7 +259,7 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
 }
 
 fn cloud(raw: &RawCloud, mut s: Section) -> CloudConfig {
-    let url = match raw.url.as_deref() {
+    let urls = match &raw.url {
         None => {
             s.report(
                 "url",
@@ -266,7 +267,16 @@ fn cloud(raw: &RawCloud, mut s: Section) -> CloudConfig {
             );
             None
         }
-        Some(text) => url::parse(text).map_err(|why| s.report("url", why)).ok(),
+        Some(value) => url::parse_list(value)
+            .map_err(|why| s.report("url", why))
+            .ok(),
+    };
+    let (url, failover) = match urls {
+        Some(mut urls) => {
+            let rest = urls.split_off(1);
+            (urls.pop(), rest)
+        }
+        None => (None, Vec::new()),
     };
     let client_id = s.client_id("client_id", raw.client_id.as_deref().unwrap_or(s.id));
     let command_default = format!("{client_id}{}", defaults::COMMAND_CLIENT_ID_SUFFIX);
@@ -312,6 +322,7 @@ fn cloud(raw: &RawCloud, mut s: Section) -> CloudConfig {
             host: String::new(),
             port: 0,
         }),
+        failover,
         client_id,
         command_client_id,
         keep_alive: s.duration(
@@ -570,7 +581,7 @@ impl<'a> Section<'_, 'a> {
         }
     }
 
-    fn address(&mut self, key: &str, text: &str) -> SocketAddr {
+    pub(super) fn address(&mut self, key: &str, text: &str) -> SocketAddr {
         text.parse().unwrap_or_else(|_| {
             self.report(
                 key,
@@ -746,7 +757,7 @@ impl<'a> Section<'_, 'a> {
     }
 
     /// A TLS file: set only with `mqtts://`, readable, and holding what its key promises.
-    fn pem_file(
+    pub(super) fn pem_file(
         &mut self,
         key: &str,
         raw: &Option<String>,
@@ -785,7 +796,7 @@ impl<'a> Section<'_, 'a> {
         None
     }
 
-    fn readable(&mut self, key: &str, raw: &Option<String>) -> Option<PathBuf> {
+    pub(super) fn readable(&mut self, key: &str, raw: &Option<String>) -> Option<PathBuf> {
         let file = raw.as_deref()?;
         match std::fs::File::open(file) {
             Ok(_) => Some(PathBuf::from(file)),
@@ -798,7 +809,7 @@ impl<'a> Section<'_, 'a> {
 }
 
 #[derive(Clone, Copy)]
-enum Pem {
+pub(super) enum Pem {
     Certificates,
     PrivateKey,
 }

@@ -144,6 +144,11 @@ impl GatewayConfig {
         self.dir.path().join("data")
     }
 
+    /// The gateway's temporary directory, for files its config names.
+    pub fn dir(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
     pub fn toml(&self) -> String {
         let mut out = String::new();
         for (section, keys) in &self.sections {
@@ -455,6 +460,46 @@ impl Gateway {
     /// Everything the gateway printed, across restarts.
     pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// The first log line holding every one of `words` (case-insensitive) within
+    /// `timeout`, or None.
+    pub async fn wait_log(&self, timeout: Duration, words: &[&str]) -> Option<String> {
+        let find = || {
+            self.log()
+                .lines()
+                .find(|line| {
+                    let line = line.to_lowercase();
+                    words.iter().all(|w| line.contains(&w.to_lowercase()))
+                })
+                .map(str::to_string)
+        };
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(line) = find() {
+                return Some(line);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Resident memory of the gateway process, in KiB (from /proc).
+    pub fn rss_kib(&self) -> u64 {
+        let pid = self
+            .child
+            .as_ref()
+            .expect("the gateway is not running")
+            .id();
+        let status =
+            fs::read_to_string(format!("/proc/{pid}/status")).expect("reading /proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
     }
 
     /// `DATA_DIR/status.json`, if it exists and parses.

@@ -5,18 +5,21 @@
 //! Each test binary uses a subset of this module.
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 mod field;
 mod gateway;
 mod mosquitto;
 mod mqtt;
 mod proxy;
+pub mod raw;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+pub use certs::write_unrelated_ca;
 pub use field::{latest, Endpoint, Executed, ModbusServer, PtyPair, Sensor};
 pub use gateway::{counter, Edit, Gateway, GatewayConfig};
-pub use mosquitto::{write_unrelated_ca, Mosquitto};
+pub use mosquitto::{mosquitto_passwd, mosquitto_passwd_delete, Mosquitto, PasswdHash};
 pub use mqtt::{
     publish_all, publish_many, publish_paced, publish_retained, retained, seq_payload,
     telemetry_burst, Collector, Deliveries, Expected, LocalSubscriber, Received,

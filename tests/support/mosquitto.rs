@@ -5,9 +5,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{CertificateParams, DnType, KeyPair};
 use tempfile::TempDir;
 
+use super::certs::make_ca;
 use super::{accepts, free_port, signal, tail, wait_child};
 
 /// A mosquitto process with persistence in its own temporary directory, so that a
@@ -35,6 +36,40 @@ impl Mosquitto {
     /// localhost) is signed by a CA made for this broker: see [`Mosquitto::ca_pem_path`].
     pub fn start_tls() -> Self {
         Self::launch(true, "")
+    }
+
+    /// The plain anonymous listener (for collectors) plus a second listener on
+    /// `tls_port` whose settings are `listener_conf` (cafile, require_certificate,
+    /// password_file...): each listener has its own security settings.
+    pub fn start_with_listener(listener_conf: &str) -> Self {
+        let dir = tempfile::tempdir().expect("mosquitto tempdir");
+        let (port, second) = (free_port(), free_port());
+        fs::create_dir(dir.path().join("persist")).expect("mosquitto persistence dir");
+        let conf = format!(
+            "user root\n\
+             per_listener_settings true\n\
+             persistence true\n\
+             persistence_location {}/\n\
+             autosave_interval 0\n\
+             max_queued_messages 0\n\
+             max_inflight_messages 100\n\
+             log_type all\n\
+             log_timestamp_format %H:%M:%S\n\
+             listener {port} 127.0.0.1\n\
+             allow_anonymous true\n\
+             listener {second} 127.0.0.1\n\
+             {listener_conf}\n",
+            dir.path().join("persist").display()
+        );
+        fs::write(dir.path().join("mosquitto.conf"), conf).expect("writing mosquitto.conf");
+        let mut broker = Mosquitto {
+            dir,
+            port,
+            tls_port: Some(second),
+            child: None,
+        };
+        broker.spawn();
+        broker
     }
 
     fn launch(tls: bool, extra_conf: &str) -> Self {
@@ -161,25 +196,6 @@ impl Drop for Mosquitto {
     }
 }
 
-/// A self-signed CA, distinct per call (its own name and key), usable as a trust anchor.
-pub fn make_ca(name: &str) -> (rcgen::Certificate, KeyPair) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    params
-        .distinguished_name
-        .push(DnType::CommonName, format!("bridgehead test CA {name}"));
-    let key = KeyPair::generate().expect("CA key");
-    let cert = params.self_signed(&key).expect("self-signing the CA");
-    (cert, key)
-}
-
-/// Writes a CA that no broker uses to `path`: the "wrong CA" of a TLS test.
-pub fn write_unrelated_ca(path: &Path) {
-    let (cert, _) = make_ca(&format!("unrelated {}", free_port()));
-    fs::write(path, cert.pem()).expect("writing an unrelated CA");
-}
-
 fn write_certificates(dir: &Path) {
     let (ca, ca_key) = make_ca(&format!("cloud {}", free_port()));
     let mut params = CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".into()])
@@ -194,4 +210,47 @@ fn write_certificates(dir: &Path) {
     fs::write(dir.join("ca.pem"), ca.pem()).expect("writing ca.pem");
     fs::write(dir.join("server.pem"), cert.pem()).expect("writing server.pem");
     fs::write(dir.join("server.key"), key.serialize_pem()).expect("writing server.key");
+}
+
+/// Which hash `mosquitto_passwd -H` writes.
+#[derive(Clone, Copy, Debug)]
+pub enum PasswdHash {
+    /// `$6$`: salted SHA-512, mosquitto 1.x's format.
+    Sha512,
+    /// `$7$`: PBKDF2-SHA512, the default since mosquitto 2.0.
+    Pbkdf2,
+}
+
+/// Adds (or replaces) `user` in the password file at `path` with the real mosquitto_passwd.
+pub fn mosquitto_passwd(path: &Path, user: &str, password: &str, hash: PasswdHash) {
+    let hash = match hash {
+        PasswdHash::Sha512 => "sha512",
+        PasswdHash::Pbkdf2 => "sha512-pbkdf2",
+    };
+    let mut command = Command::new("mosquitto_passwd");
+    command.arg("-H").arg(hash);
+    if !path.exists() {
+        command.arg("-c");
+    }
+    let status = command
+        .arg("-b")
+        .arg(path)
+        .arg(user)
+        .arg(password)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running mosquitto_passwd (apt-get install mosquitto)");
+    assert!(status.success(), "mosquitto_passwd failed for {user}");
+}
+
+/// Removes `user` from the password file.
+pub fn mosquitto_passwd_delete(path: &Path, user: &str) {
+    let status = Command::new("mosquitto_passwd")
+        .arg("-D")
+        .arg(path)
+        .arg(user)
+        .stdout(Stdio::null())
+        .status()
+        .expect("running mosquitto_passwd");
+    assert!(status.success(), "mosquitto_passwd -D failed for {user}");
 }

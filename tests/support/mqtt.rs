@@ -188,8 +188,22 @@ impl LocalSubscriber {
         clean_session: bool,
         subscription: Option<(&str, QoS)>,
     ) -> Self {
-        let (client, mut eventloop) =
-            AsyncClient::new(options(port, client_id, clean_session), 100);
+        Self::connect_as(port, client_id, None, clean_session, subscription).await
+    }
+
+    /// [`connect`](Self::connect) with a user name and password.
+    pub async fn connect_as(
+        port: u16,
+        client_id: &str,
+        login: Option<(&str, &str)>,
+        clean_session: bool,
+        subscription: Option<(&str, QoS)>,
+    ) -> Self {
+        let mut options = options(port, client_id, clean_session);
+        if let Some((user, password)) = login {
+            options.set_credentials(user, password);
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, notes) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             loop {
@@ -419,10 +433,23 @@ impl Collector {
 
     /// Per topic, payloads in the order of their first delivery; and the duplicates.
     pub fn deliveries(&self) -> Deliveries {
+        Deliveries::of(self.received.lock().unwrap().iter())
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Deliveries {
+    /// First deliveries and duplicates of `messages`, taken in the order given.
+    pub fn of<'a>(messages: impl IntoIterator<Item = &'a Received>) -> Self {
         let mut seen = HashSet::new();
         let mut first: HashMap<String, Vec<String>> = HashMap::new();
         let mut duplicates = 0;
-        for m in self.received.lock().unwrap().iter() {
+        for m in messages {
             if seen.insert((m.topic.clone(), m.payload.clone())) {
                 first
                     .entry(m.topic.clone())
@@ -434,15 +461,7 @@ impl Collector {
         }
         Deliveries { first, duplicates }
     }
-}
 
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Deliveries {
     /// Panics unless each topic's first deliveries are exactly `expected` for it:
     /// nothing lost, nothing extra, in the order sent.
     pub fn assert_exactly(&self, expected: &HashMap<String, Vec<String>>) {
