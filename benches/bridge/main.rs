@@ -23,14 +23,14 @@ use std::time::{Duration, Instant};
 
 use report::{Row, Table};
 use setups::Setup;
-use setups::Setup::{Bridgehead, Direct, MosquittoStock, MosquittoTuned};
+use setups::Setup::{Bridgehead, BridgeheadAcl, Direct, MosquittoStock, MosquittoTuned};
 use workloads::Sizes;
 
 const ALL: [Setup; 4] = [Direct, Bridgehead, MosquittoStock, MosquittoTuned];
 const BRIDGES: [Setup; 3] = [Bridgehead, MosquittoStock, MosquittoTuned];
 
 /// The workloads' keys for BENCH_ONLY, in the order they run.
-const WORKLOADS: [&str; 9] = [
+const WORKLOADS: [&str; 10] = [
     "steady100",
     "steady2k",
     "burst",
@@ -40,6 +40,7 @@ const WORKLOADS: [&str; 9] = [
     "kill9",
     "outage",
     "drain",
+    "features",
 ];
 
 fn machine() -> String {
@@ -255,6 +256,23 @@ async fn main() {
             rows,
         });
     }
+    if runs("features") && !quick {
+        // What a feature costs per message: the burst with and without it, interleaved
+        // runs so that the machine's drift hits both alike.
+        let mut rows = Vec::new();
+        for _ in 0..3 {
+            for setup in [Bridgehead, BridgeheadAcl] {
+                rows.push(workloads::burst(setup, sizes.burst, &sizes).await.0);
+            }
+        }
+        show(Table {
+            title: format!(
+                "10. what features cost: the {}-message burst, interleaved runs with and without",
+                sizes.burst
+            ),
+            rows,
+        });
+    }
     if !idle.is_empty() {
         println!("\n### 9. RSS of the gateway process, idle\n");
         println!("| setup                     | after start MiB | after the burst MiB |");
@@ -276,7 +294,7 @@ async fn main() {
         .flat_map(|t| {
             t.rows
                 .iter()
-                .filter(|r| r.setup == Some(Bridgehead) && r.lost > 0)
+                .filter(|r| r.setup.is_some_and(Setup::is_bridgehead) && r.lost > 0)
                 .map(move |r: &Row| format!("{}: bridgehead lost {} messages", t.title, r.lost))
         })
         .collect();

@@ -17,6 +17,9 @@ pub enum Setup {
     MosquittoStock,
     /// The same, with the queue raised and the store saved every second.
     MosquittoTuned,
+    /// bridgehead with an ACL file every device publish is checked against (what ACLs
+    /// cost per message).
+    BridgeheadAcl,
 }
 
 impl Setup {
@@ -26,7 +29,13 @@ impl Setup {
             Setup::Bridgehead => "bridgehead",
             Setup::MosquittoStock => "mosquitto bridge, stock",
             Setup::MosquittoTuned => "mosquitto bridge, tuned",
+            Setup::BridgeheadAcl => "bridgehead + acl_file",
         }
+    }
+
+    /// Whether this is bridgehead (in some configuration): its losses fail the run.
+    pub fn is_bridgehead(self) -> bool {
+        matches!(self, Setup::Bridgehead | Setup::BridgeheadAcl)
     }
 
     /// The topic prefix a device uses: the cloud topic when it publishes there itself.
@@ -37,6 +46,15 @@ impl Setup {
         }
     }
 }
+
+/// A site's ACL: every device publish on `warehouse/...` is checked against it.
+const BENCH_ACL: &str = "\
+topic deny warehouse/+/fan/command
+topic write warehouse/#
+topic read dashboards/#
+pattern readwrite devices/%c/#
+pattern write clients/%c/status
+";
 
 /// The tuned mosquitto's queue: large enough for the 1M backlog row.
 const TUNED_MAX_QUEUED: usize = 2_000_000;
@@ -64,6 +82,13 @@ impl Local {
             Setup::Bridgehead => Local::Bridgehead(Gateway::start(bridgehead_config(cloud_port))),
             Setup::MosquittoStock => Local::Mosquitto(LocalMosquitto::start(cloud_port, false)),
             Setup::MosquittoTuned => Local::Mosquitto(LocalMosquitto::start(cloud_port, true)),
+            Setup::BridgeheadAcl => {
+                let config = bridgehead_config(cloud_port);
+                let acl = config.dir().join("acl");
+                fs::write(&acl, BENCH_ACL).expect("writing the bench ACL");
+                let config = config.set_str("local", "acl_file", &acl.display().to_string());
+                Local::Bridgehead(Gateway::start(config))
+            }
         }
     }
 
