@@ -289,13 +289,11 @@ impl Uplink {
         let mut taken = (0usize, 0usize);
         let mut delivered = Deliveries::new(self.report_every);
         loop {
-            if (taken.0 >= PREFETCH / 2 || taken.1 >= PREFETCH_BYTES / 2)
-                && self.outbox.credit(session, taken.0, taken.1).await.is_err()
-            {
-                return End::Shutdown;
-            }
             if taken.0 >= PREFETCH / 2 || taken.1 >= PREFETCH_BYTES / 2 {
-                taken = (0, 0);
+                let (rows, bytes) = std::mem::take(&mut taken);
+                if self.outbox.credit(session, rows, bytes).await.is_err() {
+                    return End::Shutdown;
+                }
             }
             while window.has_room() {
                 let Some(row) = buffer.pop_front() else { break };
