@@ -42,7 +42,7 @@ const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
 pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> anyhow::Result<()> {
     let config_path = std::path::absolute(config_path).context("resolving the config path")?;
     let cloud = CloudLink::new(&config.cloud).context("preparing the cloud connection")?;
-    let (outbox, outbox_thread) = {
+    let (outbox, outbox_owner) = {
         let (queue, data_dir, health) = (
             config.queue.clone(),
             config.gateway.data_dir.clone(),
@@ -95,6 +95,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     let (shutdown_tx, shutdown) = watch::channel(false);
     let liveness = Arc::new(Liveness::default());
     let mut supervisor = Supervisor::new(liveness.clone());
+    supervisor.spawn("outbox", outbox_owner.run());
     let (mut live, rx) = Live::new(
         &config_path,
         &config,
@@ -266,8 +267,6 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     .await;
     if finished.is_err() {
         warn!("shutdown took longer than {SHUTDOWN_BUDGET:?}; exiting anyway");
-    } else {
-        let _ = tokio::task::spawn_blocking(move || outbox_thread.join()).await;
     }
     match fatal {
         Some(e) => {

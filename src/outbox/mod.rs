@@ -1,5 +1,5 @@
 //! The outbox: every message an uplink rule accepted, from the intake until the cloud has
-//! it, in memory and on disk, and nothing else. One thread owns it; everyone else talks to
+//! it, in memory and on disk, and nothing else. One task owns it; everyone else talks to
 //! it through [`OutboxHandle`].
 //!
 //! Write-behind (promise 1): a message is handed to the uplink at once and held in memory;
@@ -122,7 +122,7 @@ enum Command {
     Ping(oneshot::Sender<()>),
 }
 
-/// The way to the outbox's owner thread. Cheap to clone.
+/// The way to the outbox's owner. Cheap to clone.
 #[derive(Clone)]
 pub struct OutboxHandle {
     tx: flume::Sender<Command>,
@@ -211,12 +211,13 @@ impl OutboxHandle {
     }
 }
 
-/// Opens (or creates) the outbox in `data_dir` and starts its owner thread.
+/// Opens (or creates) the outbox in `data_dir` (blocking: run it off the async workers);
+/// the owner is to be spawned as a task.
 pub fn open(
     config: &QueueConfig,
     data_dir: &Path,
     health: SharedHealth,
-) -> Result<(OutboxHandle, std::thread::JoinHandle<()>), OutboxError> {
+) -> Result<(OutboxHandle, Owner), OutboxError> {
     std::fs::create_dir_all(data_dir).map_err(|source| OutboxError::DataDir {
         path: data_dir.to_owned(),
         source,
@@ -254,15 +255,10 @@ pub fn open(
         bytes = store.bytes,
         "outbox opened"
     );
-    let owner = Owner::new(store, config.clone(), health, rx);
-    let thread = std::thread::Builder::new()
-        .name("outbox".into())
-        .spawn(move || owner.run())
-        .map_err(|source| OutboxError::DataDir {
-            path: data_dir.to_owned(),
-            source,
-        })?;
-    Ok((OutboxHandle { tx }, thread))
+    Ok((
+        OutboxHandle { tx },
+        Owner::new(store, config.clone(), health, rx),
+    ))
 }
 
 /// A message held in memory.
@@ -315,7 +311,8 @@ const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
 /// Disk rows read per step when dropping or expiring the oldest.
 const SCAN_STEP: usize = 512;
 
-struct Owner {
+/// The one owner of the outbox: memory and the SQLite file. Spawned as a task.
+pub struct Owner {
     store: Store,
     config: QueueConfig,
     health: SharedHealth,
@@ -376,7 +373,10 @@ impl Owner {
         }
     }
 
-    fn run(mut self) {
+    /// Serves the handles until shutdown. A task on the runtime, so that a message goes
+    /// from the intake through here to the uplink without waking another thread; the
+    /// SQLite work inside is done in `block_in_place` (see `store`).
+    pub async fn run(mut self) {
         self.update_gauges(true);
         loop {
             let deadline = self.next_deadline();
@@ -386,10 +386,18 @@ impl Owner {
                 continue;
             }
             let command = match deadline {
-                Some(deadline) => self.rx.recv_deadline(deadline),
+                Some(deadline) => {
+                    let deadline = tokio::time::Instant::from_std(deadline);
+                    match tokio::time::timeout_at(deadline, self.rx.recv_async()).await {
+                        Ok(Ok(command)) => Ok(command),
+                        Ok(Err(_)) => Err(flume::RecvTimeoutError::Disconnected),
+                        Err(_) => Err(flume::RecvTimeoutError::Timeout),
+                    }
+                }
                 None => self
                     .rx
-                    .recv()
+                    .recv_async()
+                    .await
                     .map_err(|_| flume::RecvTimeoutError::Disconnected),
             };
             match command {
@@ -1119,16 +1127,17 @@ mod tests {
 
     struct Opened {
         outbox: OutboxHandle,
-        thread: std::thread::JoinHandle<()>,
+        owner: tokio::task::JoinHandle<()>,
         health: SharedHealth,
     }
 
     fn open_in(dir: &Path, config: &QueueConfig) -> Opened {
         let health = Arc::new(Health::default());
-        let (outbox, thread) = open(config, dir, health.clone()).expect("opening the outbox");
+        let (outbox, owner) = open(config, dir, health.clone()).expect("opening the outbox");
+        let owner = tokio::spawn(owner.run());
         Opened {
             outbox,
-            thread,
+            owner,
             health,
         }
     }
@@ -1136,7 +1145,7 @@ mod tests {
     impl Opened {
         async fn close(self) -> SharedHealth {
             self.outbox.shutdown().await.expect("shutdown");
-            self.thread.join().expect("owner thread");
+            self.owner.await.expect("owner task");
             self.health
         }
     }

@@ -50,6 +50,18 @@ const WAL_AUTOCHECKPOINT: u32 = 1024;
 /// transactions does not leave a large file behind; below it the WAL is reused in place.
 const JOURNAL_SIZE_LIMIT: u64 = 4 << 20;
 
+/// Runs SQLite work from the outbox's owner task: on the multi-threaded runtime the worker
+/// hands its other tasks to another thread for the duration (`block_in_place`), so a slow
+/// SD card never stalls the front door; elsewhere (tests, the command line) it just runs.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(work)
+        }
+        _ => work(),
+    }
+}
+
 /// Whether an error opening the file means the file itself is damaged (not a database,
 /// corrupt), rather than a problem of the directory or the system.
 pub fn is_damage(e: &rusqlite::Error) -> bool {
@@ -197,30 +209,34 @@ impl Store {
     /// Up to `limit` rows with id >= `from`, oldest first (rows waiting for deletion
     /// included: the caller skips what `on_disk` does not hold).
     pub fn read(&self, from: i64, limit: usize) -> rusqlite::Result<Vec<Row>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, topic, payload, qos, size FROM messages WHERE id >= ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![from, limit as i64], |r| {
-            Ok(Row {
-                id: r.get(0)?,
-                topic: r.get(1)?,
-                payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
-                qos: r.get(3)?,
-                size: r.get::<_, i64>(4)?.max(0) as u64,
-            })
-        })?;
-        rows.collect()
+        blocking(|| {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, topic, payload, qos, size FROM messages WHERE id >= ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![from, limit as i64], |r| {
+                Ok(Row {
+                    id: r.get(0)?,
+                    topic: r.get(1)?,
+                    payload: Bytes::from(r.get::<_, Vec<u8>>(2)?),
+                    qos: r.get(3)?,
+                    size: r.get::<_, i64>(4)?.max(0) as u64,
+                })
+            })?;
+            rows.collect()
+        })
     }
 
     /// (id, size, ts) of up to `limit` rows with id >= `from`, oldest first.
     pub fn sizes(&self, from: i64, limit: usize) -> rusqlite::Result<Vec<(i64, u64, i64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT id, size, ts FROM messages WHERE id >= ?1 ORDER BY id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![from, limit as i64], |r| {
-            Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64, r.get(2)?))
-        })?;
-        rows.collect()
+        blocking(|| {
+            let mut stmt = self.conn.prepare_cached(
+                "SELECT id, size, ts FROM messages WHERE id >= ?1 ORDER BY id LIMIT ?2",
+            )?;
+            let rows = stmt.query_map(params![from, limit as i64], |r| {
+                Ok((r.get(0)?, r.get::<_, i64>(1)?.max(0) as u64, r.get(2)?))
+            })?;
+            rows.collect()
+        })
     }
 
     /// Gateway-clock ms of the oldest wanted row.
@@ -228,10 +244,12 @@ impl Store {
         let Some(first) = self.on_disk.first().map(|r| *r.start()) else {
             return Ok(None);
         };
-        self.conn
-            .prepare_cached("SELECT ts FROM messages WHERE id = ?1")?
-            .query_row([first], |r| r.get(0))
-            .optional()
+        blocking(|| {
+            self.conn
+                .prepare_cached("SELECT ts FROM messages WHERE id = ?1")?
+                .query_row([first], |r| r.get(0))
+                .optional()
+        })
     }
 
     /// Moves the selected dead letters back into the queue with ids from `first_id` on;
@@ -241,104 +259,108 @@ impl Store {
         which: &super::dead_letters::Selection,
         first_id: i64,
     ) -> rusqlite::Result<Vec<(i64, u64)>> {
-        let ts = self.clock.now_ms() as i64;
-        let tx = self.conn.transaction()?;
-        let letters = super::dead_letters::take(&tx, which)?;
-        let mut out = Vec::with_capacity(letters.len());
-        for (offset, (dead_id, row)) in letters.iter().enumerate() {
-            let id = first_id + offset as i64;
-            tx.prepare_cached(
-                "INSERT INTO messages (id, topic, payload, qos, size, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![id, row.topic, &row.payload[..], row.qos, row.size as i64, ts])?;
-            tx.prepare_cached("DELETE FROM dead_letter WHERE id = ?1")?
-                .execute([dead_id])?;
-            out.push((id, row.size));
-        }
-        tx.commit()?;
-        for (id, size) in &out {
-            self.on_disk.insert(*id..=*id);
-            self.rows += 1;
-            self.bytes += size;
-        }
-        Ok(out)
+        blocking(|| {
+            let ts = self.clock.now_ms() as i64;
+            let tx = self.conn.transaction()?;
+            let letters = super::dead_letters::take(&tx, which)?;
+            let mut out = Vec::with_capacity(letters.len());
+            for (offset, (dead_id, row)) in letters.iter().enumerate() {
+                let id = first_id + offset as i64;
+                tx.prepare_cached(
+                    "INSERT INTO messages (id, topic, payload, qos, size, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?
+                .execute(params![id, row.topic, &row.payload[..], row.qos, row.size as i64, ts])?;
+                tx.prepare_cached("DELETE FROM dead_letter WHERE id = ?1")?
+                    .execute([dead_id])?;
+                out.push((id, row.size));
+            }
+            tx.commit()?;
+            for (id, size) in &out {
+                self.on_disk.insert(*id..=*id);
+                self.rows += 1;
+                self.bytes += size;
+            }
+            Ok(out)
+        })
     }
 
     /// Writes one flush in one transaction, keeping the dead-letter table within
     /// `dead_max` bytes (oldest dropped first); returns how many dead letters were dropped.
     /// On error nothing was written.
     pub fn write(&mut self, flush: &Flush<'_>, dead_max: u64) -> rusqlite::Result<u64> {
-        let mut dropped = 0;
-        let tx = self.conn.transaction()?;
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR REPLACE INTO messages (id, topic, payload, qos, size, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?;
-            for held in &flush.spill {
-                let m = &held.message;
-                insert.execute(params![
-                    held.id,
-                    m.topic,
-                    &m.payload[..],
-                    m.qos,
-                    m.size as i64,
-                    held.ts as i64
-                ])?;
-            }
-            let mut delete =
-                tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2")?;
-            for range in &flush.delete {
-                delete.execute(params![range.start(), range.end()])?;
-            }
-            let mut dead = tx.prepare_cached(
-                "INSERT INTO dead_letter (topic, payload, qos, ts, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )?;
-            for (row, ts, reason) in &flush.dead {
-                dead.execute(params![
-                    row.topic,
-                    &row.payload[..],
-                    row.qos,
-                    *ts as i64,
-                    reason
-                ])?;
-            }
-            // Counted in the transaction: an operator may have purged some meanwhile.
-            let mut dead_bytes = if flush.dead.is_empty() {
-                0
-            } else {
-                tx.query_row(
-                    "SELECT COALESCE(SUM(length(topic) + length(payload)), 0) FROM dead_letter",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )?
-                .max(0) as u64
-            };
-            if dead_bytes > dead_max {
-                let mut oldest = tx.prepare_cached(
-                    "SELECT id, length(topic) + length(payload) FROM dead_letter ORDER BY id",
+        blocking(|| {
+            let mut dropped = 0;
+            let tx = self.conn.transaction()?;
+            {
+                let mut insert = tx.prepare_cached(
+                    "INSERT OR REPLACE INTO messages (id, topic, payload, qos, size, ts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
                 )?;
-                let mut upto = None;
-                let mut rows = oldest.query([])?;
-                while dead_bytes > dead_max {
-                    let Some(row) = rows.next()? else { break };
-                    upto = Some(row.get::<_, i64>(0)?);
-                    dead_bytes -= (row.get::<_, i64>(1)?.max(0) as u64).min(dead_bytes);
-                    dropped += 1;
+                for held in &flush.spill {
+                    let m = &held.message;
+                    insert.execute(params![
+                        held.id,
+                        m.topic,
+                        &m.payload[..],
+                        m.qos,
+                        m.size as i64,
+                        held.ts as i64
+                    ])?;
                 }
-                drop(rows);
-                if let Some(upto) = upto {
-                    tx.prepare_cached("DELETE FROM dead_letter WHERE id <= ?1")?
-                        .execute([upto])?;
+                let mut delete =
+                    tx.prepare_cached("DELETE FROM messages WHERE id BETWEEN ?1 AND ?2")?;
+                for range in &flush.delete {
+                    delete.execute(params![range.start(), range.end()])?;
+                }
+                let mut dead = tx.prepare_cached(
+                    "INSERT INTO dead_letter (topic, payload, qos, ts, reason) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?;
+                for (row, ts, reason) in &flush.dead {
+                    dead.execute(params![
+                        row.topic,
+                        &row.payload[..],
+                        row.qos,
+                        *ts as i64,
+                        reason
+                    ])?;
+                }
+                // Counted in the transaction: an operator may have purged some meanwhile.
+                let mut dead_bytes = if flush.dead.is_empty() {
+                    0
+                } else {
+                    tx.query_row(
+                        "SELECT COALESCE(SUM(length(topic) + length(payload)), 0) FROM dead_letter",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )?
+                    .max(0) as u64
+                };
+                if dead_bytes > dead_max {
+                    let mut oldest = tx.prepare_cached(
+                        "SELECT id, length(topic) + length(payload) FROM dead_letter ORDER BY id",
+                    )?;
+                    let mut upto = None;
+                    let mut rows = oldest.query([])?;
+                    while dead_bytes > dead_max {
+                        let Some(row) = rows.next()? else { break };
+                        upto = Some(row.get::<_, i64>(0)?);
+                        dead_bytes -= (row.get::<_, i64>(1)?.max(0) as u64).min(dead_bytes);
+                        dropped += 1;
+                    }
+                    drop(rows);
+                    if let Some(upto) = upto {
+                        tx.prepare_cached("DELETE FROM dead_letter WHERE id <= ?1")?
+                            .execute([upto])?;
+                    }
+                }
+                if let Some(clock_ms) = flush.clock_ms {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_ms', ?1)",
+                    )?
+                    .execute(params![clock_ms as i64])?;
                 }
             }
-            if let Some(clock_ms) = flush.clock_ms {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_ms', ?1)",
-                )?
-                .execute(params![clock_ms as i64])?;
-            }
-        }
-        tx.commit()?;
-        Ok(dropped)
+            tx.commit()?;
+            Ok(dropped)
+        })
     }
 }
