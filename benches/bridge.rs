@@ -4,8 +4,8 @@
 //!
 //! Sizes can be changed with BENCH_MESSAGES (burst size, default 100000) and
 //! BENCH_PUBLISHERS (default 4); BENCH_ONLY=burst runs the burst alone,
-//! BENCH_ONLY=split measures the local side and the uplink apart; BENCH_INFLIGHT sets
-//! bridgehead's cloud.max_inflight.
+//! BENCH_ONLY=split measures the local side and the uplink apart; BENCH_ONLY=rules measures
+//! what `[[rule]]`s cost per message; BENCH_INFLIGHT sets bridgehead's cloud.max_inflight.
 
 #[path = "../tests/support/mod.rs"]
 mod support;
@@ -251,19 +251,34 @@ async fn burst(setup: Setup, total: usize, publishers: usize) -> Outcome {
     let cloud = Mosquitto::start();
     let collector = Collector::start(cloud.port, CLOUD_FILTER).await;
     let local = Local::start(setup, cloud.port);
+    // Published straight to the cloud, devices use the cloud topics themselves.
+    let prefix = if setup == Setup::Direct {
+        "fleet/gw-test/"
+    } else {
+        ""
+    };
+    let batches = (0..publishers)
+        .map(|p| messages(prefix, p, total / publishers))
+        .collect();
+    drive_burst(&collector, &local, total, batches).await
+}
+
+/// Each of `batches` published by a device of its own, all at once, into `local`; returns
+/// once the cloud has them all (or nothing new came for 5 s).
+async fn drive_burst(
+    collector: &Collector,
+    local: &Local,
+    total: usize,
+    batches: Vec<Vec<(String, Vec<u8>)>>,
+) -> Outcome {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let port = local.port();
     let cpu_before = local.cpu_seconds();
     let start = Instant::now();
-    let tasks: Vec<_> = (0..publishers)
-        .map(|p| {
-            // Published straight to the cloud, devices use the cloud topics themselves.
-            let prefix = if setup == Setup::Direct {
-                "fleet/gw-test/"
-            } else {
-                ""
-            };
-            let batch = messages(prefix, p, total / publishers);
+    let tasks: Vec<_> = batches
+        .into_iter()
+        .enumerate()
+        .map(|(p, batch)| {
             tokio::spawn(async move {
                 publish_all(port, &format!("device-{p}"), QoS::AtLeastOnce, batch).await
             })
@@ -273,17 +288,17 @@ async fn burst(setup: Setup, total: usize, publishers: usize) -> Outcome {
         let _ = t.await;
     }
     let done = settle(
-        &collector,
+        collector,
         total,
         Duration::from_secs(5),
         Duration::from_secs(120),
     )
     .await;
     outcome(
-        &collector,
+        collector,
         total,
         done.duration_since(start).as_secs_f64(),
-        &local,
+        local,
         cpu_before,
     )
 }
@@ -430,6 +445,165 @@ async fn split(total: usize, publishers: usize) {
     );
 }
 
+/// Numeric readings, `PAYLOAD` bytes each: a plain number padded with spaces, or JSON
+/// `{"value":21.5,"seq":N,"pad":"xx.."}`. Each value is another (the cloud side counts
+/// distinct messages), all under 28.
+fn readings(publisher: usize, n: usize, json: bool) -> Vec<(String, Vec<u8>)> {
+    let topic = format!("warehouse/bench/device-{publisher}");
+    (0..n)
+        .map(|i| {
+            let value = 15.0 + i as f64 / 10_000.0;
+            let payload = if json {
+                let mut p = format!("{{\"value\":{value:.4},\"seq\":{i},\"pad\":\"").into_bytes();
+                p.resize(PAYLOAD - 2, b'x');
+                p.extend_from_slice(b"\"}");
+                p
+            } else {
+                let mut p = format!("{value:.4}").into_bytes();
+                p.resize(PAYLOAD, b' ');
+                p
+            };
+            (topic.clone(), payload)
+        })
+        .collect()
+}
+
+/// `count` rules: the first reads every burst message (above 30, so after each device's
+/// first reading nothing changes), the others watch topics the burst does not use.
+fn bench_rules(count: usize, json: bool) -> String {
+    (0..count)
+        .map(|i| {
+            let topic = match i {
+                0 => "warehouse/bench/+".to_owned(),
+                _ => format!("warehouse/other-{i}/+"),
+            };
+            let path = if json { "value_path = \"value\"\n" } else { "" };
+            format!(
+                "\n[[rule]]\nname = \"rule-{i}\"\ntopic = \"{topic}\"\npublish = \"site/rule-{i}/{{1}}/fan\"\n\
+                 above = 30\nclear_below = 28\non = \"ON\"\noff = \"OFF\"\n{path}"
+            )
+        })
+        .collect()
+}
+
+/// The bridgehead burst with numeric readings, with `rules` rules: throughput and the
+/// gateway's CPU per message.
+async fn rules_burst(total: usize, publishers: usize, rules: usize, json: bool) -> Outcome {
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, CLOUD_FILTER).await;
+    let local = Local::Bridgehead(Gateway::start(
+        bench_config(cloud.port).append(&bench_rules(rules, json)),
+    ));
+    let batches = (0..publishers)
+        .map(|p| readings(p, total / publishers, json))
+        .collect();
+    let outcome = drive_burst(&collector, &local, total, batches).await;
+    if let Local::Bridgehead(gateway) = &local {
+        let status = gateway.live_status().unwrap_or_default();
+        let evaluated = status["counters"]["rule_readings"].as_u64().unwrap_or(0);
+        let overruns = status["counters"]["rule_overruns"].as_u64().unwrap_or(0);
+        assert_eq!(
+            (evaluated, overruns),
+            ((if rules > 0 { total } else { 0 }) as u64, 0),
+            "every reading evaluated once by the matching rule"
+        );
+    }
+    outcome
+}
+
+/// CPU time of this thread, in seconds.
+fn thread_cpu_seconds() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes into the timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+}
+
+/// The rule engine alone, in this process: CPU µs per reading for `total` readings of the
+/// burst, each offered to the intake's match (every rule's filter) and evaluated.
+fn engine_cost(total: usize, publishers: usize, rules: usize, json: bool) -> f64 {
+    use bridgehead::automation::engine::Engine;
+    let text = format!(
+        "[gateway]\nid = \"bench\"\n[cloud]\nurl = \"mqtt://127.0.0.1\"\n{}",
+        bench_rules(rules, json)
+    );
+    let config = bridgehead::config::parse("bench.toml", &text).expect("bench rules are valid");
+    let mut engine = Engine::new(Default::default());
+    engine.apply(&config.rules, Instant::now());
+    let batches: Vec<_> = (0..publishers)
+        .map(|p| readings(p, total / publishers, json))
+        .collect();
+    let mut out = Vec::new();
+    let mut matched = 0;
+    let start = thread_cpu_seconds();
+    let now = Instant::now();
+    for (topic, payload) in batches.iter().flatten() {
+        if config
+            .rules
+            .iter()
+            .any(|r| bridgehead::topics::matches(&r.topic, topic))
+        {
+            matched += 1;
+            engine.reading(topic, payload, now, &mut out);
+        }
+    }
+    let spent = thread_cpu_seconds() - start;
+    assert_eq!((matched, out.len()), (total, publishers));
+    spent * 1e6 / total as f64
+}
+
+/// What `[[rule]]`s cost: the same burst of numeric readings without and with rules,
+/// alternating, `BENCH_RUNS` (default 3) times each; then the rule engine alone.
+async fn rules_cost(total: usize, publishers: usize) {
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let setups = [
+        ("no rules", 0, false),
+        ("1 rule, plain numbers", 1, false),
+        ("no rules", 0, true),
+        ("1 rule, value_path", 1, true),
+        ("20 rules, value_path", 20, true),
+    ];
+    let mut cpu: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    let mut rate: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
+    for _ in 0..runs {
+        for (i, (_, rules, json)) in setups.iter().enumerate() {
+            let o = rules_burst(total, publishers, *rules, *json).await;
+            assert_eq!(o.arrived, total, "a message was lost");
+            cpu[i].extend(o.cpu_us);
+            rate[i].push(o.arrived as f64 / o.seconds);
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    println!("| burst {total} x {PAYLOAD} B QoS 1       | payload | msg/s  | CPU µs/msg, each run | mean |");
+    println!("|--------------------------------|---------|--------|----------------------|------|");
+    for (i, (name, _, json)) in setups.iter().enumerate() {
+        let each: Vec<String> = cpu[i].iter().map(|c| format!("{c:.1}")).collect();
+        println!(
+            "| {name:<30} | {:<7} | {:>6.0} | {:<20} | {:>4.1} |",
+            if *json { "JSON" } else { "plain" },
+            mean(&rate[i]),
+            each.join(" "),
+            mean(&cpu[i]),
+        );
+    }
+    for (name, rules, json) in &setups[1..] {
+        let each: Vec<f64> = (0..runs)
+            .map(|_| engine_cost(total, publishers, *rules, *json))
+            .collect();
+        let each: Vec<String> = each.iter().map(|c| format!("{c:.2}")).collect();
+        println!(
+            "rule engine alone, {name}: CPU µs per reading {}",
+            each.join(" ")
+        );
+    }
+}
+
 fn print_row(workload: &str, setup: Setup, o: &Outcome) {
     let lost = o.sent.saturating_sub(o.arrived);
     println!(
@@ -461,6 +635,10 @@ async fn main() {
     let only = std::env::var("BENCH_ONLY").unwrap_or_default();
     if only == "split" {
         split(total, publishers).await;
+        return;
+    }
+    if only == "rules" {
+        rules_cost(total, publishers).await;
         return;
     }
     println!("| workload                   | setup                       |    sent | arrived |    lost          | dups |  secs   |  msg/s   | RSS MiB | CPU µs/msg |");

@@ -74,6 +74,25 @@ fn payloads(messages: &[Received]) -> Vec<(&str, &str)> {
         .collect()
 }
 
+/// Saves `text` as the config, signals a reload (as `systemctl reload` after an edit) and
+/// waits until the gateway applied it; returns the status then.
+async fn reload(gateway: &Gateway, text: &str) -> Value {
+    // The file watcher and the SIGHUP handler are in place once the gateway says it runs.
+    let running = support::wait_until(Duration::from_secs(10), || {
+        gateway.log().contains("bridgehead running")
+    })
+    .await;
+    assert!(running, "{}", gateway.log());
+    let generation = gateway.generation();
+    gateway.write_config(text, support::Edit::Rename);
+    gateway.sighup();
+    gateway
+        .wait_live(Duration::from_secs(10), "applying the edit", |s| {
+            s["config"]["generation"].as_u64() > Some(generation)
+        })
+        .await
+}
+
 fn output<'a>(status: &'a Value, rule: &str, topic: &str) -> &'a Value {
     &status["rules"][rule]["outputs"][topic]
 }
@@ -393,16 +412,10 @@ async fn a_reload_that_changes_one_rule_keeps_the_others_state() {
     assert_eq!(payloads(&got), [("warehouse/zone1/dehumidifier", "ON")]);
 
     let edited = gateway.config_text().replace("above = 70", "above = 80");
-    gateway.write_config(&edited, support::Edit::Rename);
-    let status = gateway
-        .wait_live(Duration::from_secs(10), "applying the edit", |s| {
-            s["config"]["generation"] == 2
-        })
-        .await;
-    assert_eq!(
-        status["config"]["last_reload"]["summary"],
-        r#"cloud unchanged, rule "dehumidifier" changed"#
-    );
+    let status = reload(&gateway, &edited).await;
+    assert!(gateway
+        .log()
+        .contains(r#"reload: cloud unchanged, rule "dehumidifier" changed"#));
     assert_eq!(output(&status, "zone fans", ZONE1_FAN)["state"], "on");
     assert_eq!(status["rules"]["dehumidifier"]["outputs"], json!({}));
 
@@ -434,6 +447,31 @@ async fn a_reload_that_changes_one_rule_keeps_the_others_state() {
         payloads(&decisions),
         [("warehouse/zone1/dehumidifier", "ON")]
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_added_by_a_reload_to_a_gateway_without_rules_runs() {
+    let _serial = support::serial().await;
+    let gateway = Gateway::start(
+        GatewayConfig::new(free_port())
+            .without_uplink()
+            .without_downlink(),
+    );
+    let edited = gateway.config_text() + FANS;
+    reload(&gateway, &edited).await;
+    assert!(gateway
+        .log()
+        .contains(r#"reload: cloud unchanged, rule "zone fans" added"#));
+    let mut fans = actuator(&gateway, "fans", "warehouse/+/fan/command").await;
+    publish_all(
+        gateway.local_port,
+        "zone1-sensor",
+        QoS::AtLeastOnce,
+        readings("warehouse/zone1/temp", &["31"]),
+    )
+    .await;
+    let on = fans.recv(Duration::from_secs(5)).await.expect("ON");
+    assert_eq!((on.topic.as_str(), on.payload.as_str()), (ZONE1_FAN, "ON"));
 }
 
 #[test]

@@ -21,6 +21,9 @@ use crate::topics::{self, Template};
 
 /// A repeated complaint about one rule's readings is logged at most this often.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// Output topics one rule keeps at most: a device publishing on ever new topics must not
+/// grow the gateway's memory without bound.
+const MAX_OUTPUTS: usize = 4096;
 
 /// A payload for the local broker.
 #[derive(Debug, Clone)]
@@ -201,17 +204,25 @@ impl Rule {
                 return;
             }
         };
+        let outputs_full = self.outputs.len() >= MAX_OUTPUTS;
         let output = match self.outputs.entry(self.template.fill(&captures)) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
                 // rumqttd does not check publish topics: a device's topic with a wildcard
                 // character would make one here.
-                if let Err(why) = topics::valid_topic(entry.key()) {
+                let refused = match topics::valid_topic(entry.key()) {
+                    Err(why) => Some(format!("it {why}")),
+                    Ok(()) if outputs_full => {
+                        Some(format!("the rule has {MAX_OUTPUTS} output topics already"))
+                    }
+                    Ok(()) => None,
+                };
+                if let Some(why) = refused {
                     inc(&self.health.errors);
                     inc(&health.counters.rule_errors);
                     if let Some(held) = self.bad_topic_log.check() {
                         warn!(rule = %self.config.name, %topic, output = %entry.key(), reason = %why,
-                            earlier_warnings_suppressed = held, "rule: reading ignored, its output topic is not a valid MQTT topic");
+                            earlier_warnings_suppressed = held, "rule: reading ignored, no output topic for it");
                     }
                     return;
                 }
@@ -665,6 +676,25 @@ mod tests {
         let counters = run.health.counters.snapshot();
         assert_eq!((counters.rule_readings, counters.rule_not_numeric), (6, 4));
         assert_eq!(run.health.rules.snapshot()["zone fans"].not_numeric, 4);
+    }
+
+    #[test]
+    fn a_rule_keeps_a_bounded_number_of_outputs() {
+        let mut run = Run::new(&[fans()]);
+        for zone in 0..MAX_OUTPUTS {
+            assert_eq!(
+                run.read(0, &format!("warehouse/{zone}/temp"), "20").len(),
+                1
+            );
+        }
+        assert_eq!(run.read(0, "warehouse/one-more/temp", "20"), []);
+        assert_eq!(run.read(0, "warehouse/a+b/temp", "20"), []);
+        assert_eq!(run.health.counters.snapshot().rule_errors, 2);
+        assert_eq!(
+            run.read(1, "warehouse/7/temp", "31").len(),
+            1,
+            "known outputs go on"
+        );
     }
 
     #[test]
