@@ -592,7 +592,7 @@ async fn rules_cost(total: usize, publishers: usize) {
             mean(&cpu[i]),
         );
     }
-    for (name, rules, json) in &setups[1..] {
+    for (name, rules, json) in setups.iter().filter(|(_, rules, _)| *rules > 0) {
         let each: Vec<f64> = (0..runs)
             .map(|_| engine_cost(total, publishers, *rules, *json))
             .collect();
