@@ -11,7 +11,7 @@ use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter,
 };
@@ -451,19 +451,8 @@ async fn handoff(
     retain: bool,
     pkid: u16,
 ) -> Result<(), DownlinkError> {
-    // rumqttd keeps Publish's QoS and packet id private; its own serialised form is the way
-    // to build a QoS 1 publish from outside.
-    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    raw.put_u8(0b0011_0010 | retain as u8);
-    raw.put_u16(pkid);
-    raw.put_u16(topic.len() as u16);
-    raw.extend_from_slice(topic.as_bytes());
-    raw.extend_from_slice(&payload);
-    let publish = rumqttd::protocol::Publish::deserialize(raw.freeze());
-    link.tx
-        .send(RouterPacket::Publish(publish, None))
+    link.publish(topic, payload, retain, Some(pkid))
         .await
-        .map(|_| ())
         .map_err(|e| DownlinkError::Link(e.to_string()))
 }
 

@@ -181,6 +181,19 @@ counters! {
     reloads_failed,
     /// Wall-clock steps seen (NTP sync, a manual `date`): readings' `ts` jumped with them.
     clock_steps,
+    /// Local messages read by a `[[rule]]` (one per rule whose topic matched).
+    rule_readings,
+    /// Readings a rule found no number in (not numeric, not JSON, no field at value_path).
+    rule_not_numeric,
+    /// Decisions rules published into the local broker.
+    rule_publications,
+    /// Times a rule's output went stale (no reading within stale_after).
+    rule_stale,
+    /// Rule publications that failed: an output topic that is not valid, or no
+    /// confirmation from the local broker.
+    rule_errors,
+    /// Readings not evaluated because the rule task had fallen behind.
+    rule_overruns,
 }
 
 /// Current fill of the outbox, kept up to date by its owner.
@@ -212,6 +225,8 @@ pub struct Health {
     pub config: Mutex<ConfigStatus>,
     /// Messages per second in (received) and out (forwarded) over the last metrics interval.
     pub rates: Mutex<Rates>,
+    /// Each `[[rule]]`: its counters and the state of its outputs.
+    pub rules: crate::automation::status::RulesHealth,
 }
 
 /// What the status tells about the running configuration.
@@ -393,6 +408,7 @@ impl Default for Health {
                 ..ConfigStatus::default()
             }),
             rates: Mutex::new(Rates::default()),
+            rules: Default::default(),
         }
     }
 }
@@ -418,6 +434,8 @@ pub struct StatusDoc {
     pub devices: std::collections::BTreeMap<String, DeviceSnapshot>,
     pub config: ConfigDoc,
     pub clock: ClockDoc,
+    /// `[[rule]]`s by name.
+    pub rules: std::collections::BTreeMap<String, crate::automation::status::RuleSnapshot>,
 }
 
 #[derive(Debug, Serialize)]
@@ -486,6 +504,7 @@ impl Health {
             clock: ClockDoc {
                 trusted: crate::clock::trusted(),
             },
+            rules: self.rules.snapshot(),
         }
     }
 
@@ -773,6 +792,7 @@ pub fn render_status(doc: &serde_json::Value) -> String {
             out.push('\n');
         }
     }
+    out.push_str(&crate::automation::status::render(doc));
     out
 }
 

@@ -3,6 +3,7 @@
 //!
 //! This file only wires the parts together; each module owns one stage of the data flow.
 
+pub mod automation;
 pub mod broker;
 pub mod clock;
 pub mod cloud;
@@ -76,6 +77,8 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     let intake_link = broker.link("intake")?;
     let command_link = broker.link("downlink")?;
     let health_link = broker.link("health")?;
+    // Made even without rules: a reload may add some.
+    let rules_link = broker.link("rules")?;
     // Made even without field devices: a reload may add some.
     let field_links = (
         broker.link("field-readings")?,
@@ -127,11 +130,24 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     // applied like an edit of the config.
     live.policy = Some(policy);
 
+    let (feed, readings) = automation::feed(rx.rules.clone(), health.clone());
+    supervisor.spawn(
+        "rules",
+        automation::run(
+            rules_link,
+            rx.rules.clone(),
+            readings,
+            health.clone(),
+            liveness.probe("rules"),
+            shutdown.clone(),
+        ),
+    );
     let intake = supervisor.spawn(
         "intake",
         broker::run_intake(
             intake_link,
             rx.intake_rules.clone(),
+            feed,
             outbox.clone(),
             health.clone(),
             liveness.probe("intake"),
@@ -230,7 +246,8 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     );
     info!(gateway_id = %config.gateway.id, cloud = %config.cloud.url, cloud_failover_nodes = config.cloud.failover.len(),
         uplink_rules = config.uplink.len(), downlink_rules = config.downlink.len(),
-        modbus_devices = config.modbus.len(), serial_sensors = config.serial.len(), "bridgehead running");
+        modbus_devices = config.modbus.len(), serial_sensors = config.serial.len(),
+        rules = config.rules.len(), "bridgehead running");
     systemd::ready();
 
     let mut signals = Signals::new()?;

@@ -18,6 +18,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn, Instrument};
 
+use crate::automation::RuleSet;
 use crate::broker::front_door::Limits;
 use crate::broker::listeners::Listeners;
 use crate::broker::policy::SharedPolicy;
@@ -133,6 +134,7 @@ pub struct Live {
     cloud: watch::Sender<CloudLink>,
     downlink_rules: watch::Sender<Arc<Vec<DownlinkRule>>>,
     intake_rules: watch::Sender<Arc<Vec<IntakeRule>>>,
+    rules: watch::Sender<RuleSet>,
     limits: watch::Sender<Limits>,
     reporter: watch::Sender<ReporterSettings>,
     /// The directories and files the config watcher watches.
@@ -148,6 +150,8 @@ pub struct Live {
 /// The receiving ends, for the components as they are started.
 pub struct Receivers {
     pub intake_rules: watch::Receiver<Arc<Vec<IntakeRule>>>,
+    /// `[[rule]]`s, for the intake's feed and the rule task.
+    pub rules: watch::Receiver<RuleSet>,
     pub limits: watch::Receiver<Limits>,
     pub reporter: watch::Receiver<ReporterSettings>,
     pub watched: watch::Receiver<Vec<PathBuf>>,
@@ -223,6 +227,7 @@ impl Live {
         let (cloud_tx, cloud_rx) = watch::channel(cloud);
         let (downlink_tx, downlink_rx) = watch::channel(Arc::new(config.downlink.clone()));
         let (intake_tx, intake_rx) = watch::channel(intake_rules(config));
+        let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
         let (limits_tx, limits_rx) = watch::channel(limits(config));
         let (reporter_tx, reporter_rx) = watch::channel(reporter_settings(config));
         let (watched_tx, watched_rx) = watch::channel(watched_paths(config_path, config));
@@ -233,6 +238,7 @@ impl Live {
             cloud: cloud_tx,
             downlink_rules: downlink_tx,
             intake_rules: intake_tx,
+            rules: rules_tx,
             limits: limits_tx,
             reporter: reporter_tx,
             watched: watched_tx,
@@ -244,6 +250,7 @@ impl Live {
         };
         let receivers = Receivers {
             intake_rules: intake_rx,
+            rules: rules_rx,
             limits: limits_rx,
             reporter: reporter_rx,
             watched: watched_rx,
@@ -363,6 +370,9 @@ impl Live {
         let mut failures = Vec::new();
         if diff.uplink.any() {
             self.intake_rules.send_replace(intake_rules(new));
+        }
+        if diff.rules.any() {
+            self.rules.send_replace(Arc::new(new.rules.clone()));
         }
         if diff.downlink.any() {
             self.downlink_rules

@@ -74,6 +74,148 @@ pub fn matches(filter: &str, topic: &str) -> bool {
     }
 }
 
+/// Like [`matches`], and collects what each wildcard of `filter` matched, in order: a `+`
+/// its level, a `#` the rest of the topic (empty when it matched no level).
+pub fn captures<'t>(filter: &str, topic: &'t str, out: &mut Vec<&'t str>) -> bool {
+    out.clear();
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut filter_levels = filter.split('/');
+    // What is left of the topic; None once its last level was taken.
+    let mut rest = Some(topic);
+    loop {
+        let level = rest.map(|r| match r.split_once('/') {
+            Some((level, more)) => (level, Some(more)),
+            None => (r, None),
+        });
+        match (filter_levels.next(), level) {
+            (Some("#"), _) => {
+                out.push(rest.unwrap_or_default());
+                return true;
+            }
+            (None, None) => return true,
+            (Some("+"), Some((level, more))) => {
+                out.push(level);
+                rest = more;
+            }
+            (Some(f), Some((level, more))) if f == level => rest = more,
+            _ => return false,
+        }
+    }
+}
+
+/// A topic to publish to, with `{N}` placeholders: `{1}` stands for what the first wildcard
+/// of a filter matched (`warehouse/{1}/fan` from `warehouse/+/temp`). Braces around
+/// anything but digits are plain text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template(Vec<Piece>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    /// `{N}` as written (1-based).
+    Capture(usize),
+}
+
+impl Template {
+    pub fn parse(text: &str) -> Template {
+        let mut pieces = Vec::new();
+        let mut text_start = 0;
+        let mut i = 0;
+        while let Some(open) = text[i..].find('{').map(|o| i + o) {
+            let digits = text[open + 1..]
+                .find(|c: char| !c.is_ascii_digit())
+                .map_or(text.len(), |end| open + 1 + end);
+            let number = text[open + 1..digits].parse::<usize>().ok();
+            match (number, text[digits..].starts_with('}')) {
+                (Some(n), true) => {
+                    if open > text_start {
+                        pieces.push(Piece::Text(text[text_start..open].to_owned()));
+                    }
+                    pieces.push(Piece::Capture(n));
+                    i = digits + 1;
+                    text_start = i;
+                }
+                _ => i = open + 1,
+            }
+        }
+        if text_start < text.len() {
+            pieces.push(Piece::Text(text[text_start..].to_owned()));
+        }
+        Template(pieces)
+    }
+
+    /// The placeholder numbers as written, in order.
+    pub fn placeholders(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().filter_map(|piece| match piece {
+            Piece::Capture(n) => Some(*n),
+            Piece::Text(_) => None,
+        })
+    }
+
+    /// The topic for these captures (see [`captures`]); a placeholder without a capture
+    /// stands for nothing.
+    pub fn fill(&self, captures: &[&str]) -> String {
+        let mut topic = String::new();
+        for piece in &self.0 {
+            match piece {
+                Piece::Text(text) => topic.push_str(text),
+                Piece::Capture(n) => {
+                    let capture = n.checked_sub(1).and_then(|i| captures.get(i));
+                    topic.push_str(capture.copied().unwrap_or_default());
+                }
+            }
+        }
+        topic
+    }
+
+    /// A filter matching every topic this template can make from the topics `filter`
+    /// matches, and possibly more: a level holding a placeholder becomes `+`, and from a
+    /// placeholder standing for a `#` on, `#`.
+    pub fn as_filter(&self, filter: &str) -> String {
+        let multi_level: Vec<bool> = filter
+            .split('/')
+            .filter(|level| *level == "+" || *level == "#")
+            .map(|level| level == "#")
+            .collect();
+        let mut levels = vec![(String::new(), false)];
+        for piece in &self.0 {
+            match piece {
+                Piece::Text(text) => {
+                    let mut parts = text.split('/');
+                    if let (Some(first), Some(last)) = (parts.next(), levels.last_mut()) {
+                        last.0.push_str(first);
+                    }
+                    levels.extend(parts.map(|part| (part.to_owned(), false)));
+                }
+                Piece::Capture(n) => {
+                    let hash = n.checked_sub(1).and_then(|i| multi_level.get(i));
+                    if hash == Some(&true) {
+                        levels.pop();
+                        let mut filter: Vec<String> = levels.into_iter().map(level_text).collect();
+                        filter.push("#".to_owned());
+                        return filter.join("/");
+                    }
+                    if let Some(last) = levels.last_mut() {
+                        last.1 = true;
+                    }
+                }
+            }
+        }
+        let filter: Vec<String> = levels.into_iter().map(level_text).collect();
+        filter.join("/")
+    }
+}
+
+fn level_text((text, wild): (String, bool)) -> String {
+    if wild {
+        "+".to_owned()
+    } else {
+        text
+    }
+}
+
 /// Whether some topic is matched by both filters.
 pub fn filters_overlap(a: &str, b: &str) -> bool {
     prefixed_filter_overlaps("", a, b)
@@ -283,6 +425,49 @@ mod tests {
                 "{prefix} + {filter} vs {other}"
             );
         }
+    }
+
+    #[test]
+    fn captures_of_wildcards() {
+        let cases: [(&str, &str, Option<&[&str]>); 9] = [
+            ("warehouse/+/temp", "warehouse/zone1/temp", Some(&["zone1"])),
+            ("warehouse/+/temp", "warehouse/zone1/hum", None),
+            ("+/+", "a/b", Some(&["a", "b"])),
+            ("a/+", "a/", Some(&[""])),
+            ("site/#", "site/a/b/c", Some(&["a/b/c"])),
+            ("site/#", "site", Some(&[""])),
+            ("#", "x/y", Some(&["x/y"])),
+            ("+/x/#", "a/x", Some(&["a", ""])),
+            ("#", "$SYS/x", None),
+        ];
+        let mut out = Vec::new();
+        for (filter, topic, expected) in cases {
+            let matched = captures(filter, topic, &mut out);
+            assert_eq!(matched, matches(filter, topic), "{filter} vs {topic}");
+            assert_eq!(
+                expected,
+                matched.then_some(out.as_slice()),
+                "{filter} vs {topic}"
+            );
+        }
+    }
+
+    #[test]
+    fn templates_fill_and_describe_their_topics() {
+        let t = Template::parse("warehouse/{1}/fan/command");
+        assert_eq!(t.placeholders().collect::<Vec<_>>(), [1]);
+        assert_eq!(t.fill(&["zone1"]), "warehouse/zone1/fan/command");
+        assert_eq!(t.as_filter("warehouse/+/temp"), "warehouse/+/fan/command");
+        let t = Template::parse("alarm/{2}-{1}/x{0}{a}{");
+        assert_eq!(t.placeholders().collect::<Vec<_>>(), [2, 1, 0]);
+        assert_eq!(t.fill(&["a", "b"]), "alarm/b-a/x{a}{");
+        assert_eq!(t.as_filter("+/+"), "alarm/+/+");
+        let t = Template::parse("out/{1}/x");
+        assert_eq!(t.as_filter("site/#"), "out/#");
+        assert_eq!(t.fill(&["a/b"]), "out/a/b/x");
+        let plain = Template::parse("a/b");
+        assert_eq!(plain.placeholders().count(), 0);
+        assert_eq!(plain.as_filter("#"), "a/b");
     }
 
     #[test]

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 
 use report::{Row, Table};
 use setups::Setup;
-use setups::Setup::{Bridgehead, BridgeheadAcl, Direct, MosquittoStock, MosquittoTuned};
+use setups::Setup::{
+    Bridgehead, BridgeheadAcl, BridgeheadRules, Direct, MosquittoStock, MosquittoTuned,
+};
 use workloads::Sizes;
 
 const ALL: [Setup; 4] = [Direct, Bridgehead, MosquittoStock, MosquittoTuned];
@@ -261,7 +263,7 @@ async fn main() {
         // runs so that the machine's drift hits both alike.
         let mut rows = Vec::new();
         for _ in 0..3 {
-            for setup in [Bridgehead, BridgeheadAcl] {
+            for setup in [Bridgehead, BridgeheadAcl, BridgeheadRules] {
                 rows.push(workloads::burst(setup, sizes.burst, &sizes).await.0);
             }
         }

@@ -20,6 +20,9 @@ pub enum Setup {
     /// bridgehead with an ACL file every device publish is checked against (what ACLs
     /// cost per message).
     BridgeheadAcl,
+    /// bridgehead with 20 `[[rule]]`s, one of them on every device message (what the
+    /// local automation costs per message).
+    BridgeheadRules,
 }
 
 impl Setup {
@@ -30,12 +33,16 @@ impl Setup {
             Setup::MosquittoStock => "mosquitto bridge, stock",
             Setup::MosquittoTuned => "mosquitto bridge, tuned",
             Setup::BridgeheadAcl => "bridgehead + acl_file",
+            Setup::BridgeheadRules => "bridgehead + 20 rules",
         }
     }
 
     /// Whether this is bridgehead (in some configuration): its losses fail the run.
     pub fn is_bridgehead(self) -> bool {
-        matches!(self, Setup::Bridgehead | Setup::BridgeheadAcl)
+        matches!(
+            self,
+            Setup::Bridgehead | Setup::BridgeheadAcl | Setup::BridgeheadRules
+        )
     }
 
     /// The topic prefix a device uses: the cloud topic when it publishes there itself.
@@ -55,6 +62,24 @@ topic read dashboards/#
 pattern readwrite devices/%c/#
 pattern write clients/%c/status
 ";
+
+/// `count` rules: the first on every device message of the burst, the others on topics it
+/// does not use. The bench's payloads carry a time stamp, not a number: each message is
+/// matched, handed to the rules task and read, then counted as not numeric.
+fn bench_rules(count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            let topic = match i {
+                0 => "warehouse/bench/+".to_owned(),
+                _ => format!("warehouse/other-{i}/+"),
+            };
+            format!(
+                "\n[[rule]]\nname = \"rule-{i}\"\ntopic = \"{topic}\"\npublish = \"site/rule-{i}/{{1}}/fan\"\n\
+                 above = 30\nclear_below = 28\non = \"ON\"\noff = \"OFF\"\nvalue_path = \"value\"\n"
+            )
+        })
+        .collect()
+}
 
 /// The tuned mosquitto's queue: large enough for the 1M backlog row.
 const TUNED_MAX_QUEUED: usize = 2_000_000;
@@ -89,6 +114,9 @@ impl Local {
                 let config = config.set_str("local", "acl_file", &acl.display().to_string());
                 Local::Bridgehead(Gateway::start(config))
             }
+            Setup::BridgeheadRules => Local::Bridgehead(Gateway::start(
+                bridgehead_config(cloud_port).append(&bench_rules(20)),
+            )),
         }
     }
 

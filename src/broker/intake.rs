@@ -1,5 +1,6 @@
 //! The intake: one subscription to everything on the local broker, our own rule matching
-//! (overlapping filters must not deliver a message twice), and the hand-off to the outbox.
+//! (overlapping filters must not deliver a message twice), and the hand-off to the outbox,
+//! and to the `[[rule]]`s (which so cost no second delivery of a message).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +11,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::Link;
+use crate::automation::Feed;
 use crate::health::{inc, RateLimit, SharedHealth};
 use crate::outbox::{Lane, NewMessage, OutboxHandle};
 use crate::supervisor::Probe;
@@ -38,16 +40,19 @@ pub type Rules = watch::Receiver<Arc<Vec<IntakeRule>>>;
 pub async fn run_intake(
     mut link: Link,
     mut rules: Rules,
+    mut automation: Feed,
     outbox: OutboxHandle,
     health: SharedHealth,
     mut probe: Probe,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    // Without rules there is nothing to read: the subscription waits for the first rule.
-    while rules.borrow_and_update().is_empty() {
-        info!("no [[uplink]] rules: nothing is forwarded to the cloud");
+    // Without rules there is nothing to read: the subscription waits for the first
+    // [[uplink]] or [[rule]].
+    while rules.borrow_and_update().is_empty() && !automation.has_rules() {
+        info!("no [[uplink]] or [[rule]] sections: nothing is forwarded to the cloud or automated");
         tokio::select! {
             changed = rules.changed() => if changed.is_err() { return },
+            _ = automation.changed() => {}
             _ = probe.serve() => {}
             _ = shutdown.changed() => return,
         }
@@ -58,6 +63,7 @@ pub async fn run_intake(
     }
     let mut intake = Intake {
         rules: rules.borrow().clone(),
+        automation,
         outbox,
         health,
         invalid_log: RateLimit::new(Duration::from_secs(10)),
@@ -71,6 +77,7 @@ pub async fn run_intake(
         };
         probe.tick();
         intake.rules = rules.borrow_and_update().clone();
+        intake.automation.refresh();
         if !intake.take(&mut link, next) || !intake.flush().await {
             return;
         }
@@ -93,6 +100,8 @@ const MAX_BATCH: usize = 1024;
 
 struct Intake {
     rules: Arc<Vec<IntakeRule>>,
+    /// Messages for the `[[rule]]`s.
+    automation: Feed,
     outbox: OutboxHandle,
     health: SharedHealth,
     invalid_log: RateLimit,
@@ -106,7 +115,7 @@ impl Intake {
         if !self.handle(next) {
             return false;
         }
-        while self.batch.len() < MAX_BATCH {
+        while self.batch.len() < MAX_BATCH && self.automation.len() < MAX_BATCH {
             match link.try_next() {
                 Some(next) => {
                     if !self.handle(next) {
@@ -119,8 +128,9 @@ impl Intake {
         true
     }
 
-    /// Hands the batch to the outbox; false when the outbox is gone.
+    /// Hands the batch to the outbox (and the rules theirs); false when the outbox is gone.
     async fn flush(&mut self) -> bool {
+        self.automation.flush();
         if self.batch.is_empty() {
             return true;
         }
@@ -156,6 +166,7 @@ impl Intake {
             }
             return true;
         };
+        self.automation.offer(topic, &publish);
         let Some(rule) = self
             .rules
             .iter()

@@ -26,7 +26,9 @@ use std::net::SocketAddr;
 use std::future::Future;
 use std::task::{Context, Poll, Waker};
 
+use bytes::{BufMut, Bytes, BytesMut};
 use rumqttd::local::{LinkError, LinkRx, LinkTx};
+use rumqttd::protocol::{Packet, Publish};
 use rumqttd::{Broker, ConnectionSettings, Notification, RouterConfig, ServerSettings};
 use tracing::{error, info};
 
@@ -122,6 +124,36 @@ impl Link {
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Publishes into the broker. With a packet id, at QoS 1: the broker's PUBACK for it
+    /// comes back on this link (a confirmed hand-off); without, at QoS 0. Returns once the
+    /// message is queued toward the router.
+    pub async fn publish(
+        &mut self,
+        topic: &str,
+        payload: Bytes,
+        retain: bool,
+        pkid: Option<u16>,
+    ) -> Result<(), LinkError> {
+        let publish = match pkid {
+            None => Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain),
+            Some(pkid) => {
+                // rumqttd keeps Publish's QoS and packet id private; its own serialised form
+                // is the way to build a QoS 1 publish from outside.
+                let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
+                raw.put_u8(0b0011_0010 | retain as u8);
+                raw.put_u16(pkid);
+                raw.put_u16(topic.len() as u16);
+                raw.extend_from_slice(topic.as_bytes());
+                raw.extend_from_slice(&payload);
+                Publish::deserialize(raw.freeze())
+            }
+        };
+        self.tx
+            .send(Packet::Publish(publish, None))
+            .await
+            .map(|_| ())
     }
 
     /// The next notification if the broker has one ready, without waiting.

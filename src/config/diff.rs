@@ -12,7 +12,9 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use super::{Config, GatewayConfig, LocalConfig, LocalSecurity, ModbusDevice, SerialSensor};
+use super::{
+    Config, GatewayConfig, LocalConfig, LocalSecurity, ModbusDevice, SerialSensor, ThresholdRule,
+};
 
 /// The files a config names whose content is part of the config: a rotated certificate is
 /// applied like an edit of the file. `(key, path)`.
@@ -57,7 +59,7 @@ impl RuleChange {
     }
 }
 
-/// Field devices by name.
+/// Field devices (or rules) by name.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct DeviceChanges {
     pub added: Vec<String>,
@@ -102,6 +104,8 @@ pub struct ConfigDiff {
     pub queue: Vec<&'static str>,
     pub modbus: DeviceChanges,
     pub serial: DeviceChanges,
+    /// `[[rule]]`s by name (a changed rule starts over; the others keep their state).
+    pub rules: DeviceChanges,
     /// `[local]` keys applied live by the front door.
     pub local: Vec<&'static str>,
     /// Device passwords and ACL: the keys, or the files' content, that changed.
@@ -161,6 +165,7 @@ impl ConfigDiff {
             queue,
             modbus: DeviceChanges::between(&old.modbus, &new.modbus, |d: &ModbusDevice| &d.name),
             serial: DeviceChanges::between(&old.serial, &new.serial, |s: &SerialSensor| &s.name),
+            rules: DeviceChanges::between(&old.rules, &new.rules, |r: &ThresholdRule| &r.name),
             local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
                 max_connections, connect_timeout),
             security: changed_keys!(old.local.security, new.local.security, "local":
@@ -209,8 +214,9 @@ impl ConfigDiff {
         if !self.queue.is_empty() {
             parts.push(format!("queue applied ({})", self.queue.join(", ")));
         }
-        devices(&mut parts, "modbus", &self.modbus);
-        devices(&mut parts, "serial", &self.serial);
+        devices(&mut parts, "modbus", &self.modbus, "restarted");
+        devices(&mut parts, "serial", &self.serial, "restarted");
+        devices(&mut parts, "rule", &self.rules, "changed");
         if !self.local.is_empty() {
             parts.push(format!("front door applied ({})", self.local.join(", ")));
         }
@@ -248,12 +254,13 @@ fn rules(parts: &mut Vec<String>, kind: &str, change: &RuleChange) {
     }
 }
 
-fn devices(parts: &mut Vec<String>, kind: &str, changes: &DeviceChanges) {
+/// `modbus "boiler" restarted`: `changed` is the verb for a changed entry.
+fn devices(parts: &mut Vec<String>, kind: &str, changes: &DeviceChanges, changed: &str) {
     let mut line = String::new();
     for (names, verb) in [
         (&changes.added, "added"),
         (&changes.removed, "removed"),
-        (&changes.changed, "restarted"),
+        (&changes.changed, changed),
     ] {
         for name in names {
             if !line.is_empty() {
@@ -425,6 +432,26 @@ address = "127.0.0.1:502"
         let diff = ConfigDiff::between(&old, &old, &new, &[]);
         assert_eq!(diff.queue, ["queue.dead_letter_max_size"]);
         assert!(diff.restart_needed.is_empty());
+    }
+
+    #[test]
+    fn rules_are_compared_by_name() {
+        let rule = |name: &str, above: u32| {
+            format!(
+                "[[rule]]\nname = \"{name}\"\ntopic = \"{name}/+/t\"\npublish = \"out/{name}/{{1}}\"\n\
+                 above = {above}\nclear_below = 0\non = \"ON\"\noff = \"OFF\"\n"
+            )
+        };
+        let old = parse(&format!("{BASE}{}{}", rule("fans", 30), rule("pumps", 5)));
+        let new = parse(&format!("{BASE}{}{}", rule("fans", 30), rule("pumps", 6)));
+        let diff = ConfigDiff::between(&old, &old, &new, &[]);
+        assert_eq!(diff.summary(), r#"cloud unchanged, rule "pumps" changed"#);
+        let new = parse(&format!("{BASE}{}{}", rule("pumps", 5), rule("heaters", 1)));
+        let diff = ConfigDiff::between(&old, &old, &new, &[]);
+        assert_eq!(
+            diff.summary(),
+            r#"cloud unchanged, rule "heaters" added, rule "fans" removed"#
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod diff;
 mod field;
 mod locate;
 mod raw;
+mod rule;
 mod security;
 mod units;
 mod url;
@@ -30,6 +31,8 @@ pub use field::{
     PayloadFormat, RegisterKind, SerialLine, SerialSensor, Transport, ValueType, WriteKind,
     KEY_PLACEHOLDER,
 };
+pub use rule::{Staleness, Threshold, ThresholdRule};
+
 use locate::line_at;
 use validate::Report;
 
@@ -170,6 +173,8 @@ pub struct Config {
     pub modbus: Vec<ModbusDevice>,
     /// Line-oriented serial sensors.
     pub serial: Vec<SerialSensor>,
+    /// `[[rule]]`: threshold rules run on local messages.
+    pub rules: Vec<ThresholdRule>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

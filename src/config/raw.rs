@@ -6,6 +6,7 @@ use serde::Deserialize;
 use toml::Value;
 
 use super::locate::KeyPath;
+use super::rule::RawRule;
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(default)]
@@ -18,6 +19,7 @@ pub struct RawConfig {
     pub downlink: Vec<RawDownlink>,
     pub modbus: Vec<RawModbus>,
     pub serial: Vec<RawSerial>,
+    pub rule: Vec<RawRule>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +235,7 @@ pub fn accepted_keys(unknown: &KeyPath) -> &'static [&'static str] {
         "modbus.read" => field_names::<RawRead>(),
         "modbus.write" => field_names::<RawWrite>(),
         "serial" => field_names::<RawSerial>(),
+        "rule" => field_names::<RawRule>(),
         _ => &[],
     }
 }
@@ -280,7 +283,10 @@ mod tests {
     fn field_names_come_from_the_structs() {
         assert_eq!(
             field_names::<RawConfig>(),
-            ["gateway", "local", "cloud", "queue", "uplink", "downlink", "modbus", "serial"]
+            [
+                "gateway", "local", "cloud", "queue", "uplink", "downlink", "modbus", "serial",
+                "rule"
+            ]
         );
         assert_eq!(
             field_names::<RawUplink>(),

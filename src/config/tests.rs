@@ -90,6 +90,7 @@ fn a_minimal_file_gets_every_default() {
         downlink: vec![],
         modbus: vec![],
         serial: vec![],
+        rules: vec![],
     };
     assert_eq!(parse(MINIMAL), Ok(expected));
 }
@@ -242,7 +243,7 @@ fn unknown_keys_are_all_reported_with_what_is_accepted() {
         [
             "test.toml:7: cloud.urll: unknown key; the keys accepted here are url, client_id, command_client_id, keep_alive, max_packet_size, ca_file, cert_file, key_file, username, password_file, status_topic, max_inflight, reconnect_min, reconnect_max",
             "test.toml:10: uplink[1].prefix: unknown key; the keys accepted here are topic, remote_prefix, qos, drain",
-            "test.toml:12: bacnet: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink, modbus, serial",
+            "test.toml:12: bacnet: unknown key; the keys accepted here are gateway, local, cloud, queue, uplink, downlink, modbus, serial, rule",
         ]
     );
 }
@@ -544,7 +545,11 @@ fn the_shipped_field_examples_are_valid_once_uncommented() {
     let examples: String = shipped[start..]
         .lines()
         .filter(|line| !line.starts_with("#  # "))
-        .map(|line| line.strip_prefix("# ").unwrap_or(line))
+        // Example lines are indented ("#  name = ..."); other comments are prose.
+        .map(|line| match line.starts_with("#  ") {
+            true => &line[2..],
+            false => line,
+        })
         .map(|line| format!("{line}\n"))
         .collect();
     let config =
@@ -553,6 +558,7 @@ fn the_shipped_field_examples_are_valid_once_uncommented() {
     assert_eq!(config.modbus[0].reads.len(), 1);
     assert_eq!(config.modbus[0].writes.len(), 1);
     assert_eq!(config.serial.len(), 1);
+    assert_eq!(config.rules.len(), 1);
 }
 
 #[test]

@@ -15,7 +15,7 @@ use toml_edit::ImDocument;
 use super::locate::{line_at, line_of, KeyPath};
 use super::raw::{self, RawCloud, RawConfig, RawDownlink, RawGateway, RawLocal, RawQueue};
 use super::raw::{RawUplink, WrongType};
-use super::{defaults, field, units, url};
+use super::{defaults, field, rule, units, url};
 use super::{CloudConfig, CloudUrl, Config, ConfigError, DownlinkRule, GatewayConfig};
 use super::{Lane, LocalConfig, Problem, Qos, QueueConfig, UplinkRule, WhenFull};
 use crate::topics;
@@ -138,6 +138,7 @@ pub fn validate(raw: &RawConfig, report: &mut Report, state_directory: Option<&O
     refuse_loops(&uplink, &downlink, &cloud.status_topic, report);
     let modbus = field::modbus_devices(&raw.modbus, report, topic_id);
     let serial = field::serial_sensors(&raw.serial, &raw.modbus, report, topic_id);
+    let rules = rule::threshold_rules(&raw.rule, report, topic_id);
     Config {
         gateway,
         local,
@@ -147,6 +148,7 @@ pub fn validate(raw: &RawConfig, report: &mut Report, state_directory: Option<&O
         downlink: downlink.into_iter().flatten().collect(),
         modbus,
         serial,
+        rules,
     }
 }
 
@@ -616,7 +618,7 @@ impl<'a> Section<'_, 'a> {
         topic
     }
 
-    fn filter(&mut self, key: &str, raw: &Option<String>) -> String {
+    pub(super) fn filter(&mut self, key: &str, raw: &Option<String>) -> String {
         let Some(text) = raw.as_deref() else {
             self.report(
                 key,
@@ -643,7 +645,7 @@ impl<'a> Section<'_, 'a> {
         prefix
     }
 
-    fn qos(&mut self, key: &str, raw: Option<i64>, why_not_2: &str) -> Qos {
+    pub(super) fn qos(&mut self, key: &str, raw: Option<i64>, why_not_2: &str) -> Qos {
         match raw.unwrap_or(defaults::QOS) {
             0 => Qos::AtMostOnce,
             1 => Qos::AtLeastOnce,

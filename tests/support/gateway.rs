@@ -127,6 +127,12 @@ impl GatewayConfig {
         self
     }
 
+    /// Drops the default `[[uplink]]` rule: nothing goes to the cloud.
+    pub fn without_uplink(mut self) -> Self {
+        self.tail.retain(|t| !t.starts_with("[[uplink]]"));
+        self
+    }
+
     /// Puts raw TOML (an `[[uplink]]` table, say) before the default rules, so that it is
     /// the first to match.
     pub fn prepend_rule(mut self, raw: &str) -> Self {
