@@ -289,6 +289,10 @@ async fn a_process_on_the_box_cannot_walk_around_the_front_door() {
     let _serial = support::serial().await;
     let cloud = Mosquitto::start();
     let gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    // The status socket opens once rumqttd listens on its internal ports.
+    gateway
+        .wait_live(Duration::from_secs(10), "running", |_| true)
+        .await;
     let line = gateway
         .wait_log(
             Duration::from_secs(10),
