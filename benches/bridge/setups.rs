@@ -85,12 +85,14 @@ fn bench_rules(count: usize) -> String {
 const TUNED_MAX_QUEUED: usize = 2_000_000;
 
 /// bridgehead on its shipped defaults (commit interval, metrics interval, in-flight window),
-/// except what the test peers need: loopback ports, a data dir, and reconnects as quick as
+/// run as its systemd unit runs it (`status.json` in the runtime directory, on tmpfs), except
+/// what the test peers need: loopback ports, a data dir on disk, and reconnects as quick as
 /// the mosquitto bridges' `restart_timeout 1`.
 pub fn bridgehead_config(cloud_port: u16) -> GatewayConfig {
     GatewayConfig::new(cloud_port)
         .unset("queue", "commit_interval")
         .unset("gateway", "metrics_interval")
+        .runtime_dir_on_tmpfs()
 }
 
 /// The local side: a running gateway of one kind.

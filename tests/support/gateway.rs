@@ -19,6 +19,8 @@ pub struct GatewayConfig {
     sections: Vec<(String, Vec<(String, String)>)>,
     tail: Vec<String>,
     env: Vec<(String, String)>,
+    /// `$RUNTIME_DIRECTORY` on tmpfs, as the systemd unit gives it.
+    runtime: Option<TempDir>,
 }
 
 impl GatewayConfig {
@@ -74,10 +76,23 @@ impl GatewayConfig {
             sections,
             tail,
             env: Vec::new(),
+            runtime: None,
         }
     }
 
     /// An environment variable for the gateway process (`NOTIFY_SOCKET`, ...).
+    /// Runs the gateway as the systemd unit does: `$RUNTIME_DIRECTORY` on tmpfs
+    /// (/dev/shm), where it keeps `status.json`.
+    pub fn runtime_dir_on_tmpfs(mut self) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("bridgehead-run-")
+            .tempdir_in("/dev/shm")
+            .expect("a runtime directory on /dev/shm");
+        let path = dir.path().display().to_string();
+        self.runtime = Some(dir);
+        self.env("RUNTIME_DIRECTORY", &path)
+    }
+
     pub fn env(mut self, key: &str, value: &str) -> Self {
         self.env.push((key.to_string(), value.to_string()));
         self
@@ -180,6 +195,7 @@ impl GatewayConfig {
             config_path,
             env: self.env,
             _dir: self.dir,
+            _runtime: self.runtime,
             child: None,
         };
         gateway.spawn();
@@ -196,6 +212,7 @@ pub struct Gateway {
     log_path: PathBuf,
     env: Vec<(String, String)>,
     _dir: TempDir,
+    _runtime: Option<TempDir>,
     child: Option<Child>,
 }
 
