@@ -555,7 +555,10 @@ pub fn raise_open_files_limit() -> u64 {
             }
         }
     }
-    limit.rlim_cur
+    // rlim_t is a u32 on 32-bit targets (armhf).
+    #[allow(clippy::useless_conversion)]
+    let in_force = u64::from(limit.rlim_cur);
+    in_force
 }
 
 /// The largest single read.
