@@ -11,7 +11,6 @@ use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, Bytes, BytesMut};
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter,
 };
@@ -52,6 +51,8 @@ pub struct Downlink {
     pub data_dir: std::path::PathBuf,
     pub rules: Vec<DownlinkRule>,
     pub link: Link,
+    /// Retained commands and commands for offline persistent sessions are kept there.
+    pub state: Option<crate::state::State>,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
     /// New `[cloud]` settings (reconnect) and `[[downlink]]` rules (subscribe and
@@ -413,14 +414,14 @@ impl Downlink {
             return Ok(());
         };
         let pkid = pipeline.next_pkid();
-        handoff(
-            &mut self.link,
-            &local,
-            publish.payload.clone(),
-            publish.retain,
-            pkid,
-        )
-        .await?;
+        // Recorded for the persistent sessions it is queued for before the broker has it.
+        if let Some(state) = &self.state {
+            state.published(&local, &publish.payload, 1, publish.retain);
+        }
+        self.link
+            .publish_qos1(&local, &publish.payload, publish.retain, pkid)
+            .await
+            .map_err(|e| DownlinkError::Link(e.to_string()))?;
         pipeline.entries.push_back(Entry {
             ack: Some(publish),
             key,
@@ -441,30 +442,6 @@ impl Downlink {
         let local = format!("{}{}", rule.local_prefix, rest);
         topics::valid_topic(&local).ok().map(|_| local)
     }
-}
-
-/// Publishes into the local broker at QoS 1; its PUBACK comes back on the link.
-async fn handoff(
-    link: &mut Link,
-    topic: &str,
-    payload: Bytes,
-    retain: bool,
-    pkid: u16,
-) -> Result<(), DownlinkError> {
-    // rumqttd keeps Publish's QoS and packet id private; its own serialised form is the way
-    // to build a QoS 1 publish from outside.
-    let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
-    raw.put_u8(0b0011_0010 | retain as u8);
-    raw.put_u16(pkid);
-    raw.put_u16(topic.len() as u16);
-    raw.extend_from_slice(topic.as_bytes());
-    raw.extend_from_slice(&payload);
-    let publish = rumqttd::protocol::Publish::deserialize(raw.freeze());
-    link.tx
-        .send(RouterPacket::Publish(publish, None))
-        .await
-        .map(|_| ())
-        .map_err(|e| DownlinkError::Link(e.to_string()))
 }
 
 /// Commands recently handed over, by packet id, topic and payload, kept in `commands.db` in

@@ -15,6 +15,7 @@ pub mod front_door;
 mod gate;
 pub mod hook;
 mod intake;
+pub mod internal;
 pub mod listeners;
 pub mod packet;
 pub mod policy;
@@ -122,6 +123,30 @@ impl Link {
                 other => return Ok(other),
             }
         }
+    }
+
+    /// Publishes into the broker at QoS 1 with packet id `pkid`; its PUBACK comes back as a
+    /// notification on this link. (rumqttd keeps Publish's QoS and packet id private; its
+    /// own serialised form is the way to build a QoS 1 publish from outside.)
+    pub async fn publish_qos1(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        retain: bool,
+        pkid: u16,
+    ) -> Result<(), LinkError> {
+        use bytes::BufMut;
+        let mut raw = bytes::BytesMut::with_capacity(5 + topic.len() + payload.len());
+        raw.put_u8(0b0011_0010 | retain as u8);
+        raw.put_u16(pkid);
+        raw.put_u16(topic.len() as u16);
+        raw.extend_from_slice(topic.as_bytes());
+        raw.extend_from_slice(payload);
+        let publish = rumqttd::protocol::Publish::deserialize(raw.freeze());
+        self.tx
+            .send(rumqttd::protocol::Packet::Publish(publish, None))
+            .await
+            .map(|_| ())
     }
 
     /// The next notification if the broker has one ready, without waiting.

@@ -104,6 +104,9 @@ pub struct ConfigDiff {
     pub serial: DeviceChanges,
     /// `[local]` keys applied live by the front door.
     pub local: Vec<&'static str>,
+    /// `local.max_retained_size` and `local.max_queued_messages` (the state's owner
+    /// applies them).
+    pub persistence: Vec<&'static str>,
     /// Device passwords and ACL: the keys, or the files' content, that changed.
     pub security: Vec<String>,
     /// `[gateway]` keys applied live by the status reporter.
@@ -163,6 +166,10 @@ impl ConfigDiff {
             serial: DeviceChanges::between(&old.serial, &new.serial, |s: &SerialSensor| &s.name),
             local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
                 max_connections, connect_timeout),
+            persistence: {
+                let (o, n) = (&old.local.persistence, &new.local.persistence);
+                changed_keys!(o, n, "local": max_retained_size, max_queued_messages)
+            },
             security: changed_keys!(old.local.security, new.local.security, "local":
                 password_file, allow_anonymous, acl_file)
             .into_iter()
@@ -213,6 +220,12 @@ impl ConfigDiff {
         devices(&mut parts, "serial", &self.serial);
         if !self.local.is_empty() {
             parts.push(format!("front door applied ({})", self.local.join(", ")));
+        }
+        if !self.persistence.is_empty() {
+            parts.push(format!(
+                "local state bounds applied ({})",
+                self.persistence.join(", ")
+            ));
         }
         if !self.security.is_empty() {
             parts.push(format!(
@@ -290,6 +303,7 @@ pub fn applicable(started: &Config, new: &Config) -> Config {
         },
         max_connections: new.local.max_connections.min(started.local.max_connections),
         connect_timeout: new.local.connect_timeout,
+        persistence: new.local.persistence,
         security: LocalSecurity {
             password_file: new.local.security.password_file.clone(),
             allow_anonymous: new.local.security.allow_anonymous,
@@ -334,6 +348,7 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         max_payload: started.local.max_payload,
         max_connections: started.local.max_connections,
         connect_timeout: started.local.connect_timeout,
+        persistence: started.local.persistence,
         security: started.local.security.clone(),
         ..new.local.clone()
     };

@@ -55,6 +55,10 @@ fn a_minimal_file_gets_every_default() {
                 max_subscriptions: 1000,
                 tls: None,
             },
+            persistence: Persistence {
+                max_retained_size: 16 << 20,
+                max_queued_messages: 1000,
+            },
         },
         cloud: CloudConfig {
             url: CloudUrl {
