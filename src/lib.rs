@@ -86,6 +86,9 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
             "the open files limit is low for local.max_connections (each device needs 3); raise LimitNOFILE");
     }
 
+    if config.local.listen_v5.is_some() {
+        warn!("{}", broker::MQTT5_LIMITS);
+    }
     let broker = LocalBroker::new(&config.local)?;
     let intake_link = broker.link("intake")?;
     let command_link = broker.link("downlink")?;

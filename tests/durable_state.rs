@@ -8,8 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::{
-    free_port, publish_all, publish_paced, publish_retained, retained, Collector, Device5, Gateway,
-    GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5, COMMAND_PREFIX, TELEMETRY_FILTER,
+    free_port, publish_all, publish_by_alias, publish_paced, publish_retained, retained, Collector,
+    Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5, COMMAND_PREFIX,
+    TELEMETRY_FILTER,
 };
 
 const FAN: &str = "warehouse/zone1/fan/command";
@@ -307,6 +308,15 @@ async fn an_mqtt5_session_gets_what_came_while_it_was_away_before_and_after_a_re
     );
     assert!(fan.recv(Duration::from_secs(1)).await.is_none());
     fan.disconnect().await;
+
+    // Topic aliases from a device: the broker keeps the topic they stand for.
+    publish_by_alias(v5_port, "fan-v5-state", FAN_STATE, &["starting", "running"]).await;
+    assert_eq!(
+        retained(gateway.local_port, FAN_STATE, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("running")
+    );
 
     // A clean start with an expiry interval is a new session, without the old one's
     // subscriptions.

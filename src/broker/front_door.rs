@@ -429,10 +429,10 @@ impl FrontDoor {
         framer.consume(len);
 
         if session.end_first {
-            if let Err(e) =
-                super::internal::end_session(backend, &self.side_door, protocol, &info.client_id)
-                    .await
-            {
+            // Boxed: a connection waiting for its CONNECT must stay small.
+            let end =
+                super::internal::end_session(backend, &self.side_door, protocol, &info.client_id);
+            if let Err(e) = Box::pin(end).await {
                 return Err(Refused::Broker(format!(
                     "ending the earlier session of {:?}: {e}",
                     info.client_id

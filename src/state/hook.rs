@@ -16,6 +16,7 @@
 //! - MQTT 5: a delivery larger than the device's maximum packet size is withheld.
 //! - A connection that ends without DISCONNECT makes rumqttd publish its will: recorded
 //!   like any publish.
+//! - MQTT 5 topic aliases from a device are resolved here: rumqttd gets the topic.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::Ordering;
@@ -151,18 +152,32 @@ impl Tracker {
         Some(publish.topic)
     }
 
-    fn device_publish(&mut self, publish: &Publish<'_>) {
+    fn device_publish(&mut self, publish: &Publish<'_>) -> Verdict {
         let (qos, retain, payload) = (publish.qos, publish.retain, publish.payload);
+        let aliased = publish.topic_alias.is_some();
         // The common case costs one check: telemetry that no persistent session takes.
-        if !retain && !payload.is_empty() && (qos == 0 || self.shared.filters.load().is_empty()) {
-            return;
+        if !aliased
+            && !retain
+            && !payload.is_empty()
+            && (qos == 0 || self.shared.filters.load().is_empty())
+        {
+            return Verdict::Pass;
         }
         let mut scratch = std::mem::take(&mut self.scratch);
         let shared = self.shared.clone();
-        if let Some(topic) = self.topic(publish) {
-            shared.published(topic, payload, qos, retain, &mut scratch);
-        }
+        let protocol = self.protocol();
+        let verdict = match self.topic(publish) {
+            Some(topic) => {
+                shared.published(topic, payload, qos, retain, &mut scratch);
+                match aliased {
+                    true => resolved(publish, topic, protocol),
+                    false => Verdict::Pass,
+                }
+            }
+            None => Verdict::Pass,
+        };
         self.scratch = scratch;
+        verdict
     }
 
     fn own_id(&mut self) -> Option<u16> {
@@ -441,6 +456,21 @@ impl Tracker {
     }
 }
 
+/// A publish that named its topic by an MQTT 5 alias, with the topic written out and no
+/// alias: rumqttd never has to resolve a client's aliases.
+fn resolved(publish: &Publish<'_>, topic: &str, protocol: Protocol) -> Verdict {
+    let Ok(properties) = packet::without_property(publish.properties, 0x23) else {
+        return Verdict::Pass;
+    };
+    let full = Publish {
+        topic,
+        topic_alias: None,
+        properties: &properties,
+        ..publish.clone()
+    };
+    Verdict::Replace(Bytes::from(full.encode(protocol)))
+}
+
 /// Bytes of `publish` on the wire.
 fn encoded_len(publish: &Publish<'_>, protocol: Protocol) -> usize {
     let mut body = 2 + publish.topic.len() + publish.payload.len();
@@ -465,10 +495,7 @@ fn varint_len(n: usize) -> usize {
 impl Hook for Tracker {
     fn device_packet(&mut self, packet: &Packet<'_>, replies: &mut Replies) -> Verdict {
         match packet {
-            Packet::Publish(publish) => {
-                self.device_publish(publish);
-                Verdict::Pass
-            }
+            Packet::Publish(publish) => self.device_publish(publish),
             Packet::PubAck(id) => self.device_ack(*id, packet::PUBACK, replies),
             Packet::PubRec(id) => self.device_ack(*id, packet::PUBREC, replies),
             Packet::PubComp(id) if self.releasing.remove(id) => Verdict::Drop,

@@ -140,3 +140,44 @@ impl Drop for Device5 {
         self.task.abort();
     }
 }
+
+/// An MQTT 5 sensor that names `topic` once, by topic alias 1, and then publishes every
+/// payload (QoS 1, retained) by the alias alone; returns once all are acknowledged.
+pub async fn publish_by_alias(port: u16, client_id: &str, topic: &str, payloads: &[&str]) {
+    use rumqttc::v5::mqttbytes::v5::PublishProperties;
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    for (i, payload) in payloads.iter().enumerate() {
+        let properties = PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        };
+        let named = if i == 0 { topic } else { "" };
+        client
+            .publish_with_properties(
+                named,
+                QoS::AtLeastOnce,
+                true,
+                payload.to_string(),
+                properties,
+            )
+            .await
+            .expect("queueing an aliased PUBLISH");
+    }
+    let mut acked = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while acked < payloads.len() {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(Event::Incoming(Packet::PubAck(_)))) => acked += 1,
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => panic!("aliased publisher: {e} after {acked} acknowledged"),
+            Err(_) => panic!(
+                "aliased publisher: {acked} of {} acknowledged",
+                payloads.len()
+            ),
+        }
+    }
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), eventloop.poll()).await;
+}
