@@ -566,3 +566,178 @@ impl Hook for Tracker {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::broker::hook::{Chain, Direction};
+    use crate::broker::packet::{SubAck, Subscribe};
+    use crate::broker::policy::Policy;
+    use crate::health::SharedHealth;
+    use crate::state::{Limits, State};
+
+    fn open(dir: &std::path::Path) -> (State, crate::state::Restore) {
+        let limits = Limits {
+            max_retained_size: 1 << 20,
+            max_queued_messages: 100,
+            commit_interval: Duration::from_millis(50),
+        };
+        let (state, restore, _owner) =
+            State::open(dir, limits, false, SharedHealth::default()).unwrap();
+        (state, restore)
+    }
+
+    fn chain(state: &State, client_id: &str, clean_start: bool) -> Chain {
+        let policy = Policy {
+            acl: None,
+            allow_anonymous: true,
+            passwords: None,
+        };
+        let conn = ConnInfo {
+            peer: ([127, 0, 0, 1], 5000).into(),
+            protocol: Protocol::V311,
+            client_id: client_id.into(),
+            username: None,
+            clean_start,
+            session_expiry: None,
+            will: None,
+            receive_maximum: None,
+            maximum_packet_size: None,
+        };
+        let hooks = vec![state.hooks(policy.shared()).open(&conn).unwrap()];
+        Chain::new(Protocol::V311, hooks)
+    }
+
+    fn publish(topic: &str, qos: u8, retain: bool, id: u16, payload: &[u8]) -> Vec<u8> {
+        Publish {
+            dup: false,
+            qos,
+            retain,
+            topic,
+            packet_id: Some(id),
+            topic_alias: None,
+            properties: &[],
+            payload,
+        }
+        .encode(Protocol::V311)
+    }
+
+    fn run(chain: &mut Chain, d: Direction, frame: &[u8], r: &mut Replies) -> Verdict {
+        chain.run(d, frame, r).unwrap()
+    }
+
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_retained_message_goes_out_at_its_own_qos_and_rumqttd_is_acknowledged_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (state, _) = open(dir.path());
+        let mut sensor = chain(&state, "sensor", true);
+        let mut r = Replies::default();
+        let retained = publish("fan/state", 0, true, 0, b"ON");
+        assert_eq!(
+            run(&mut sensor, Direction::FromDevice, &retained, &mut r),
+            Verdict::Pass
+        );
+        let mut dashboard = chain(&state, "dashboard", true);
+        // A live QoS 1 delivery is outstanding when rumqttd replays the retained message at
+        // the subscription's QoS 1.
+        let live = publish("fan/speed", 1, false, 1, b"3");
+        assert_eq!(
+            run(&mut dashboard, Direction::FromBroker, &live, &mut r),
+            Verdict::Pass
+        );
+        let replay = publish("fan/state", 1, true, 2, b"ON");
+        let Verdict::Replace(lowered) = run(&mut dashboard, Direction::FromBroker, &replay, &mut r)
+        else {
+            panic!("the retained message must be sent at QoS 0");
+        };
+        let Ok(Packet::Publish(p)) = Packet::parse(&lowered, Protocol::V311) else {
+            panic!("not a publish");
+        };
+        assert_eq!((p.qos, p.retain, p.payload), (0, true, &b"ON"[..]));
+        assert!(r.to_broker.is_empty(), "acknowledged ahead of delivery 1");
+        let ack1 = packet::ack(packet::PUBACK, Protocol::V311, 1, 0);
+        assert_eq!(
+            run(&mut dashboard, Direction::FromDevice, &ack1, &mut r),
+            Verdict::Pass
+        );
+        assert_eq!(
+            r.to_broker,
+            [Bytes::from(packet::ack(
+                packet::PUBACK,
+                Protocol::V311,
+                2,
+                0
+            ))]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_message_queued_before_a_restart_follows_the_connack_once() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (state, _) = open(dir.path());
+            let mut fan = chain(&state, "fan", false);
+            let mut r = Replies::default();
+            let subscribe = Subscribe {
+                packet_id: 1,
+                properties: &[],
+                filters: vec![("fan/cmd", 1)],
+            };
+            let bytes = subscribe.encode(Protocol::V311, &subscribe.filters);
+            run(&mut fan, Direction::FromDevice, &bytes, &mut r);
+            let suback = SubAck::encode(Protocol::V311, 1, &[], &[1]);
+            run(&mut fan, Direction::FromBroker, &suback, &mut r);
+            fan.closed();
+            state.flush().await;
+            let mut cloud = chain(&state, "cloud", true);
+            run(
+                &mut cloud,
+                Direction::FromDevice,
+                &publish("fan/cmd", 1, false, 9, b"ON"),
+                &mut r,
+            );
+            run(
+                &mut cloud,
+                Direction::FromDevice,
+                &publish("fan/other", 1, false, 10, b"X"),
+                &mut r,
+            );
+            state.flush().await;
+        }
+        let (state, restore) = open(dir.path());
+        assert_eq!(restore.sessions.len(), 1);
+        assert_eq!(restore.sessions[0].filters, [("fan/cmd".to_owned(), 1)]);
+        let mut fan = chain(&state, "fan", false);
+        let mut r = Replies::default();
+        let connack = [0x20, 2, 1, 0];
+        assert_eq!(
+            run(&mut fan, Direction::FromBroker, &connack, &mut r),
+            Verdict::Pass
+        );
+        assert_eq!(
+            r.to_device.len(),
+            1,
+            "one queued message, after the CONNACK"
+        );
+        let Ok(Packet::Publish(p)) = Packet::parse(&r.to_device[0], Protocol::V311) else {
+            panic!("not a publish");
+        };
+        assert_eq!((p.topic, p.payload, p.qos), ("fan/cmd", &b"ON"[..], 1));
+        let id = p.packet_id.unwrap();
+        assert!(id >= 0x8000, "a packet id rumqttd never uses: {id}");
+        let ack = packet::ack(packet::PUBACK, Protocol::V311, id, 0);
+        assert_eq!(
+            run(&mut fan, Direction::FromDevice, &ack, &mut r),
+            Verdict::Drop,
+            "the acknowledgement is the hook's, not rumqttd's"
+        );
+        state.flush().await;
+        let db = rusqlite::Connection::open(dir.path().join("state.db")).unwrap();
+        let queued: i64 = db
+            .query_row("SELECT count(*) FROM queued", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(queued, 0);
+    }
+}
