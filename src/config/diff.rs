@@ -443,6 +443,26 @@ address = "127.0.0.1:502"
     }
 
     #[test]
+    fn the_bounds_of_the_local_state_apply_live() {
+        let old = parse(BASE);
+        let new = parse(&BASE.replace(
+            "[cloud]",
+            "[local]\nmax_retained_size = \"1MiB\"\nmax_queued_messages = 10\n[cloud]",
+        ));
+        let diff = ConfigDiff::between(&old, &old, &new, &[]);
+        assert_eq!(
+            diff.persistence,
+            ["local.max_retained_size", "local.max_queued_messages"]
+        );
+        assert!(diff.restart_needed.is_empty(), "{:?}", diff.restart_needed);
+        assert_eq!(
+            applicable(&old, &new).local.persistence.max_queued_messages,
+            10
+        );
+        assert!(diff.summary().contains("local state bounds applied"));
+    }
+
+    #[test]
     fn a_rotated_certificate_reconnects_the_cloud() {
         let c = parse(BASE);
         let diff = ConfigDiff::between(&c, &c, &c, &["cloud.ca_file".to_owned()]);

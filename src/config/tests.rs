@@ -399,7 +399,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 24);
+    assert_eq!(uncommented_keys, 26);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }
