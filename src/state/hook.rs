@@ -10,9 +10,9 @@
 //!   (which rumqttd never had) are sent right after the CONNACK, as QoS 1/2 publishes with
 //!   packet ids rumqttd never uses (it uses 1 to 100), within the device's receive
 //!   maximum; the device's acknowledgements of them are answered here.
-//! - rumqttd sends a retained message at the subscription's QoS; the hook sends it at the
-//!   QoS it was published with (at most the subscription's), acknowledging rumqttd itself
-//!   in order (rumqttd drops a client that acknowledges out of order).
+//! - rumqttd sends a retained message at the subscription's QoS; the hook sends one
+//!   retained at QoS 0 at QoS 0, acknowledging rumqttd itself in order (rumqttd drops a
+//!   client that acknowledges out of order).
 //! - MQTT 5: a delivery larger than the device's maximum packet size is withheld.
 //! - A connection that ends without DISCONNECT makes rumqttd publish its will: recorded
 //!   like any publish.
@@ -37,6 +37,8 @@ const OWN_IDS: std::ops::RangeInclusive<u16> = 0x8000..=0xFFFF;
 /// Messages of an earlier run in flight to a device at once (MQTT 3.1.1 has no receive
 /// maximum; rumqttd itself keeps 100 in flight).
 const REPLAY_WINDOW: usize = 100;
+/// rumqttd's deliveries tracked per connection at most (it keeps 100 in flight).
+const MAX_OUTSTANDING: usize = 256;
 
 pub(crate) struct Hooks {
     pub shared: Arc<Shared>,
@@ -390,11 +392,19 @@ impl Tracker {
             key: self.persistent.then(|| key(publish.topic, publish.payload)),
             ours: false,
         });
+        // rumqttd keeps at most 100 deliveries in flight: entries beyond that were
+        // acknowledged by another hook (the ACL gate withholds some).
+        while self.outstanding.len() > MAX_OUTSTANDING
+            && self.outstanding.front().is_some_and(|o| !o.ours)
+        {
+            self.outstanding.pop_front();
+        }
+        self.flush_ours(replies);
         Verdict::Pass
     }
 
     /// rumqttd replays a retained message (retain set) at the subscription's QoS; a
-    /// message retained at a lower QoS goes to the device at that QoS instead.
+    /// message retained at QoS 0 goes to the device at QoS 0 instead.
     fn retained_at_own_qos(
         &mut self,
         publish: &Publish<'_>,
@@ -411,26 +421,16 @@ impl Tracker {
             .unwrap_or_else(|p| p.into_inner())
             .get(publish.topic)
             .copied();
-        let (Some(own), Some(theirs)) = (own, packet_id) else {
+        // Only QoS 0 is lowered to: a QoS 1 copy would need a packet id of the hook's,
+        // which the ACL gate (nearer the device) could acknowledge to rumqttd, which drops
+        // a client for an acknowledgement it did not expect.
+        let (Some(0), Some(theirs)) = (own, packet_id) else {
             return Verdict::Pass;
-        };
-        if own >= publish.qos {
-            return Verdict::Pass;
-        }
-        let id = match own {
-            0 => None,
-            _ => match self.own_id() {
-                Some(id) => Some(id),
-                None => return Verdict::Pass,
-            },
         };
         self.take_over(theirs, publish.qos, replies);
-        if let Some(id) = id {
-            self.injected.insert(id, None);
-        }
         let lowered = Publish {
-            qos: own,
-            packet_id: id,
+            qos: 0,
+            packet_id: None,
             dup: false,
             ..publish.clone()
         };
