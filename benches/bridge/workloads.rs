@@ -250,6 +250,21 @@ pub async fn burst_watched(
         row.label = Some("bridgehead, persistent dashboard".into());
         row.notes.push(format!("dashboard got {seen}"));
     }
+    if let Local::Bridgehead(gateway) = &local {
+        // The losses the gateway itself can name.
+        let status = gateway.live_status().unwrap_or_default();
+        for counter in [
+            "intake_overruns",
+            "local_overruns",
+            "state_errors",
+            "queued_dropped",
+        ] {
+            let n = status["counters"][counter].as_u64().unwrap_or(0);
+            if n > 0 {
+                row.notes.push(format!("{counter} {n}"));
+            }
+        }
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = Idle {
         setup,
