@@ -184,8 +184,9 @@ counters! {
     /// Retained messages the local broker took but `state.db` does not keep (over
     /// `local.max_retained_size`): a restart forgets them.
     retained_dropped,
-    /// Messages queued for an offline persistent session dropped from `state.db`, oldest
-    /// first, over `local.max_queued_messages` for that session.
+    /// Messages queued for a persistent session (offline, or online but that many behind)
+    /// that `state.db` does not keep, oldest first, over `local.max_queued_messages`: a
+    /// restart would forget them (rumqttd still delivers them while it runs).
     queued_dropped,
     /// Session and retained bookkeeping the front door could not hand to the state's
     /// owner in time (its queue was full); also `state.db` errors.
