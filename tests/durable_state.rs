@@ -392,3 +392,63 @@ async fn plain_telemetry_adds_no_disk_writes() {
         "{written} bytes written for 500 messages"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_that_became_the_retained_state_survives_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let status_topic = "warehouse/zone1/fan/status";
+    let mut options = rumqttc::MqttOptions::new("fan-1", "127.0.0.1", gateway.local_port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_last_will(rumqttc::LastWill::new(
+        status_topic,
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .publish(status_topic, QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("publishing the online status: {other:?}"),
+        }
+    }
+    assert_eq!(
+        retained(gateway.local_port, status_topic, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("online")
+    );
+    // The fan loses power: its connection ends without DISCONNECT, and the broker
+    // publishes its will.
+    drop(eventloop);
+    drop(client);
+    let port = gateway.local_port;
+    assert!(
+        support::wait_until(Duration::from_secs(10), || {
+            stored(
+                &gateway.data_dir,
+                "SELECT count(*) FROM retained WHERE payload = CAST('offline' AS BLOB)",
+            ) == 1
+        })
+        .await,
+        "the will did not become the stored retained state:\n{}",
+        gateway.log()
+    );
+    gateway.kill9();
+    gateway.start_again();
+    assert_eq!(
+        retained(port, status_topic, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("offline"),
+        "after kill -9 the fan's status is not its will"
+    );
+}
