@@ -52,6 +52,8 @@ pub struct Downlink {
     pub data_dir: std::path::PathBuf,
     pub rules: Vec<DownlinkRule>,
     pub link: Link,
+    /// Retained commands and commands for offline persistent sessions are kept there.
+    pub state: Option<crate::state::State>,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
     /// New `[cloud]` settings (reconnect) and `[[downlink]]` rules (subscribe and
@@ -413,6 +415,10 @@ impl Downlink {
             return Ok(());
         };
         let pkid = pipeline.next_pkid();
+        // Recorded for the persistent sessions it is queued for before the broker has it.
+        if let Some(state) = &self.state {
+            state.published(&local, &publish.payload, 1, publish.retain);
+        }
         handoff(
             &mut self.link,
             &local,

@@ -194,6 +194,30 @@ counters! {
     rule_errors,
     /// Readings not evaluated because the rule task had fallen behind.
     rule_overruns,
+    /// Retained messages the local broker took but `state.db` does not keep (over
+    /// `local.max_retained_size`): a restart forgets them.
+    retained_dropped,
+    /// Messages queued for a persistent session (offline, or online but that many behind)
+    /// that `state.db` does not keep, oldest first, over `local.max_queued_messages`: a
+    /// restart would forget them (rumqttd still delivers them while it runs).
+    queued_dropped,
+    /// Session and retained bookkeeping the front door could not hand to the state's
+    /// owner in time (its queue was full); also `state.db` errors.
+    state_errors,
+    /// Messages withheld from an MQTT 5 device because they exceed the maximum packet size
+    /// it announced.
+    withheld_oversize,
+}
+
+/// What the local broker keeps across a restart (`state.db`), kept up to date by its owner.
+#[derive(Debug, Default)]
+pub struct BrokerStateGauges {
+    pub retained: AtomicU64,
+    pub retained_bytes: AtomicU64,
+    /// Persistent sessions kept (online and offline).
+    pub sessions: AtomicU64,
+    /// QoS 1/2 messages kept for persistent sessions, not yet acknowledged by their device.
+    pub queued: AtomicU64,
 }
 
 /// Current fill of the outbox, kept up to date by its owner.
@@ -216,6 +240,7 @@ pub struct Health {
     pub started: Instant,
     pub counters: Counters,
     pub queue: QueueGauges,
+    pub broker_state: BrokerStateGauges,
     pub telemetry: SharedLinkState,
     pub commands: SharedLinkState,
     /// One entry per Modbus device and serial sensor, in config order.
@@ -399,6 +424,7 @@ impl Default for Health {
                 oldest_ts: AtomicU64::new(u64::MAX),
                 ..QueueGauges::default()
             },
+            broker_state: BrokerStateGauges::default(),
             telemetry: SharedLinkState::default(),
             commands: SharedLinkState::default(),
             devices: Default::default(),
@@ -428,6 +454,8 @@ pub struct StatusDoc {
     pub uptime_s: u64,
     pub cloud: CloudStatus,
     pub queue: QueueStatus,
+    /// What the local broker keeps across a restart.
+    pub local: LocalStatus,
     pub rates: Rates,
     pub counters: CounterSnapshot,
     /// Field devices by `modbus/NAME` or `serial/NAME`.
@@ -470,6 +498,14 @@ pub struct ClockDoc {
 }
 
 #[derive(Debug, Serialize)]
+pub struct LocalStatus {
+    pub retained: u64,
+    pub retained_bytes: u64,
+    pub sessions: u64,
+    pub queued: u64,
+}
+
+#[derive(Debug, Serialize)]
 pub struct QueueStatus {
     pub rows: u64,
     pub bytes: u64,
@@ -496,6 +532,12 @@ impl Health {
                 bytes: self.queue.bytes.load(Ordering::Relaxed),
                 on_disk: self.queue.disk_rows.load(Ordering::Relaxed),
                 oldest_age_ms: (oldest != u64::MAX).then(|| now.saturating_sub(oldest)),
+            },
+            local: LocalStatus {
+                retained: self.broker_state.retained.load(Ordering::Relaxed),
+                retained_bytes: self.broker_state.retained_bytes.load(Ordering::Relaxed),
+                sessions: self.broker_state.sessions.load(Ordering::Relaxed),
+                queued: self.broker_state.queued.load(Ordering::Relaxed),
             },
             rates: self.rates.lock().map(|r| *r).unwrap_or_default(),
             counters: self.counters.snapshot(),
@@ -744,6 +786,13 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         field("/counters/intake_invalid"),
         field("/counters/outbox_lost"),
     );
+    out.push_str(&format!(
+        "local      {} retained ({} bytes), {} persistent sessions, {} messages queued for them\n",
+        field("/local/retained"),
+        field("/local/retained_bytes"),
+        field("/local/sessions"),
+        field("/local/queued"),
+    ));
     out.push_str(&format!(
         "config     generation {}",
         field("/config/generation")

@@ -14,6 +14,7 @@ pub mod health;
 pub mod logging;
 pub mod outbox;
 pub mod reload;
+pub mod state;
 pub mod status_socket;
 pub mod supervisor;
 pub mod systemd;
@@ -51,6 +52,19 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         );
         tokio::task::spawn_blocking(move || outbox::open(&queue, &data_dir, health)).await??
     };
+    let (state, restore) = {
+        let (limits, fsync, data_dir, health) = (
+            state::Limits::of(&config),
+            config.queue.fsync,
+            config.gateway.data_dir.clone(),
+            health.clone(),
+        );
+        let (state, restore, _owner) = tokio::task::spawn_blocking(move || {
+            state::State::open(&data_dir, limits, fsync, health)
+        })
+        .await??;
+        (state, restore)
+    };
 
     // The device ports are bound before rumqttd's internal ports are picked, so that the
     // kernel cannot hand one of ours to rumqttd.
@@ -73,12 +87,16 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
             "the open files limit is low for local.max_connections (each device needs 3); raise LimitNOFILE");
     }
 
+    if config.local.listen_v5.is_some() {
+        warn!("{}", broker::MQTT5_LIMITS);
+    }
     let broker = LocalBroker::new(&config.local)?;
     let intake_link = broker.link("intake")?;
     let command_link = broker.link("downlink")?;
     let health_link = broker.link("health")?;
     // Made even without rules: a reload may add some.
     let rules_link = broker.link("rules")?;
+    let mut state_link = broker.link("state")?;
     // Made even without field devices: a reload may add some.
     let field_links = (
         broker.link("field-readings")?,
@@ -94,6 +112,13 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     if let Some(v5) = backends.v5 {
         wait_for_port(v5).await?;
     }
+    // Retained messages and persistent sessions are back before the first device is let in.
+    if let Err(e) =
+        state::restore::run(&state, restore, &mut state_link, backends, &side_door).await
+    {
+        error!(error = %e, "retained messages and sessions of the last run could not be restored");
+    }
+    state.attach_broker(backends, side_door.clone());
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let liveness = Arc::new(Liveness::default());
@@ -113,7 +138,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         backends,
         side_door,
         policy.clone(),
-        Vec::new(),
+        vec![state.hooks(policy.clone())],
         health.clone(),
     ));
     live.listeners
@@ -126,6 +151,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         live.listeners
             .serve(&mut supervisor, "local.tls_listen", listener, Some(tls));
     }
+    live.state = Some(state.clone());
     // The config watcher also watches the password and ACL files: a change of either is
     // applied like an edit of the config.
     live.policy = Some(policy);
@@ -135,6 +161,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         "rules",
         automation::run(
             rules_link,
+            Some(state.clone()),
             rx.rules.clone(),
             readings,
             health.clone(),
@@ -171,6 +198,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         data_dir: config.gateway.data_dir.clone(),
         rules: config.downlink.clone(),
         link: command_link,
+        state: Some(state.clone()),
         health: health.clone(),
         shutdown: shutdown.clone(),
         control: rx.cloud_control(liveness.probe("downlink")),
@@ -279,6 +307,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         if let Err(e) = outbox.shutdown().await {
             warn!(error = %e, "closing the outbox");
         }
+        state.flush().await;
         supervisor.join_all().await;
     })
     .await;

@@ -77,8 +77,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => match bridgehead::config::load(&config) {
-            Ok(_) => {
+            Ok(loaded) => {
                 println!("config OK: {}", config.display());
+                if loaded.local.listen_v5.is_some() {
+                    println!("note: {}", bridgehead::broker::MQTT5_LIMITS);
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -144,6 +144,8 @@ pub struct Live {
     /// The device passwords and ACL the front door reads.
     pub policy: Option<SharedPolicy>,
     pub field: Option<Field>,
+    /// Retained messages and persistent sessions kept across restarts.
+    pub state: Option<crate::state::State>,
     health: SharedHealth,
 }
 
@@ -246,6 +248,7 @@ impl Live {
             listeners: Listeners::new(shutdown),
             policy: None,
             field: None,
+            state: None,
             health,
         };
         let receivers = Receivers {
@@ -407,6 +410,12 @@ impl Live {
         }
         if !diff.gateway.is_empty() {
             self.reporter.send_replace(reporter_settings(new));
+        }
+        if let (false, Some(state)) = (
+            diff.persistence.is_empty() && diff.queue.is_empty(),
+            &self.state,
+        ) {
+            state.set_limits(crate::state::Limits::of(new));
         }
         if let (false, Some(policy)) = (diff.security.is_empty(), &self.policy) {
             if let Err(e) = crate::broker::policy::reload(policy, &new.local.security) {

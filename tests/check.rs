@@ -136,3 +136,34 @@ fn a_missing_file_is_named() {
         )
     );
 }
+
+#[test]
+fn a_config_with_mqtt5_names_what_mqtt5_devices_do_not_get_yet() {
+    let (_dir, path) = config_file(
+        r#"[gateway]
+id = "gw-1"
+
+[local]
+listen_v5 = "127.0.0.1:1884"
+max_queued_messages = 50
+max_retained_size = "1MiB"
+
+[cloud]
+url = "mqtt://127.0.0.1:1883"
+"#,
+    );
+    let outcome = check(&path);
+    assert_eq!(outcome.code, Some(0), "stderr: {}", outcome.stderr);
+    let note = outcome
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("note: MQTT 5"))
+        .unwrap_or_else(|| panic!("no MQTT 5 note in: {}", outcome.stdout));
+    for missing in [
+        "message expiry",
+        "subscription identifiers",
+        "receive maximum",
+    ] {
+        assert!(note.contains(missing), "{missing} not named: {note}");
+    }
+}

@@ -32,7 +32,7 @@ const ALL: [Setup; 4] = [Direct, Bridgehead, MosquittoStock, MosquittoTuned];
 const BRIDGES: [Setup; 3] = [Bridgehead, MosquittoStock, MosquittoTuned];
 
 /// The workloads' keys for BENCH_ONLY, in the order they run.
-const WORKLOADS: [&str; 10] = [
+const WORKLOADS: [&str; 11] = [
     "steady100",
     "steady2k",
     "burst",
@@ -43,6 +43,7 @@ const WORKLOADS: [&str; 10] = [
     "outage",
     "drain",
     "features",
+    "sessions",
 ];
 
 fn machine() -> String {
@@ -171,6 +172,24 @@ async fn main() {
         show(Table {
             title: format!(
                 "3. burst: {} messages from 4 devices as fast as they go (msg/s: first send to last arrival)",
+                sizes.burst
+            ),
+            rows,
+        });
+    }
+    if runs("sessions") {
+        // Interleaved, so that the machine's drift hits both alike.
+        let mut rows = Vec::new();
+        for _ in 0..3 {
+            for dashboard in [false, true] {
+                let (row, _) =
+                    workloads::burst_watched(Bridgehead, sizes.burst, &sizes, dashboard).await;
+                rows.push(row);
+            }
+        }
+        show(Table {
+            title: format!(
+                "sessions: the burst of 3. ({} messages) through bridgehead, alone and with a dashboard on a persistent session subscribed to it, 3 runs each",
                 sizes.burst
             ),
             rows,

@@ -188,12 +188,37 @@ pub struct Idle {
 
 /// Row 3: `total` messages from 4 devices as fast as they can; row 9 on the way.
 pub async fn burst(setup: Setup, total: usize, sizes: &Sizes) -> (Row, Idle) {
+    burst_watched(setup, total, sizes, false).await
+}
+
+/// The burst of row 3, with (`dashboard`) or without a dashboard on a persistent session
+/// (QoS 1, clean session 0) subscribed to every burst topic on the gateway: the most the
+/// front door's bookkeeping of sessions does per message (each is recorded for the
+/// session before rumqttd has it, and forgotten when the dashboard acknowledges it).
+pub async fn burst_watched(
+    setup: Setup,
+    total: usize,
+    sizes: &Sizes,
+    dashboard: bool,
+) -> (Row, Idle) {
     let cloud = Mosquitto::start();
     let tally = Tally::start(cloud.port, CLOUD_FILTER).await;
     let local = Local::start(setup, cloud.port);
     tally
         .wait_path(local.port(), &probe_topic(setup), READY)
         .await;
+    let watcher = match dashboard {
+        true => Some(
+            crate::support::LocalSubscriber::connect(
+                local.port(),
+                "dashboard",
+                false,
+                Some(("warehouse/bench/#", crate::support::QoS::AtLeastOnce)),
+            )
+            .await,
+        ),
+        false => None,
+    };
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after_start_mib = local.rss_mib();
     let devices = 4;
@@ -217,6 +242,29 @@ pub async fn burst(setup: Setup, total: usize, sizes: &Sizes) -> (Row, Idle) {
     let after = local.sample();
     let mut row = row(setup, &tally, &sent, cost(before, after, total));
     row.rss_mib = local.peak_rss_mib();
+    if let Some(mut watcher) = watcher {
+        let seen = watcher
+            .recv_n(total + 1, Duration::from_secs(1))
+            .await
+            .len();
+        row.label = Some("bridgehead, persistent dashboard".into());
+        row.notes.push(format!("dashboard got {seen}"));
+    }
+    if let Local::Bridgehead(gateway) = &local {
+        // The losses the gateway itself can name.
+        let status = gateway.live_status().unwrap_or_default();
+        for counter in [
+            "intake_overruns",
+            "local_overruns",
+            "state_errors",
+            "queued_dropped",
+        ] {
+            let n = status["counters"][counter].as_u64().unwrap_or(0);
+            if n > 0 {
+                row.notes.push(format!("{counter} {n}"));
+            }
+        }
+    }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let idle = Idle {
         setup,

@@ -159,6 +159,7 @@ impl Feed {
 /// gateway).
 pub async fn run(
     mut link: Link,
+    state: Option<crate::state::State>,
     mut rules: watch::Receiver<RuleSet>,
     mut readings: mpsc::Receiver<Vec<Reading>>,
     health: SharedHealth,
@@ -210,7 +211,7 @@ pub async fn run(
             _ = shutdown.changed() => return,
         }
         for publication in out.drain(..) {
-            if let Err(e) = broker.publish(&mut link, publication).await {
+            if let Err(e) = broker.publish(&mut link, state.as_ref(), publication).await {
                 error!(error = %e, "the rules' link to the local broker failed; rules cannot act");
                 return;
             }
@@ -233,14 +234,24 @@ struct Waiting {
 }
 
 impl Confirmations {
-    async fn publish(&mut self, link: &mut Link, p: Publication) -> Result<(), LinkError> {
-        let pkid = match p.qos {
-            Qos::AtMostOnce => None,
+    async fn publish(
+        &mut self,
+        link: &mut Link,
+        state: Option<&crate::state::State>,
+        p: Publication,
+    ) -> Result<(), LinkError> {
+        let (pkid, qos) = match p.qos {
+            Qos::AtMostOnce => (None, 0),
             Qos::AtLeastOnce => {
                 self.pkid = self.pkid.checked_add(1).unwrap_or(1);
-                Some(self.pkid)
+                (Some(self.pkid), 1)
             }
         };
+        // A retained decision, and one queued for an offline actuator's persistent
+        // session, are recorded before the broker has them: a restart keeps both.
+        if let Some(state) = state {
+            state.published(&p.topic, &p.payload, qos, p.retain);
+        }
         link.publish(&p.topic, p.payload, p.retain, pkid).await?;
         if let Some(pkid) = pkid {
             self.waiting.push_back(Waiting {

@@ -35,7 +35,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use super::auth::{self, Credentials, Refusal, Throttle};
-use super::hook::{Chain, ConnInfo, Direction, HookFactory, Replies, Verdict};
+use super::hook::{Chain, ConnInfo, Direction, HookFactory, Replies, Verdict, WillInfo};
 use super::packet::{self, Budget, ConnAck, Connect, Framer, PacketError, Protocol};
 use super::policy::SharedPolicy;
 use super::{SideDoor, INTERNAL_ID_PREFIX};
@@ -379,6 +379,10 @@ impl FrontDoor {
         if keep_alive_zero {
             info!(client_id = %connect.client_id, "device connected with keepalive 0; the gateway keeps its session alive");
         }
+        let v5_u16 = |id| match packet::find_property(connect.properties, id) {
+            Ok(Some(packet::Property::U16(value))) => Some(value),
+            _ => None,
+        };
         let info = ConnInfo {
             peer,
             protocol,
@@ -389,6 +393,25 @@ impl FrontDoor {
                 Protocol::V5 => Some(connect.session_expiry()?),
                 Protocol::V311 => None,
             },
+            will: connect.will.as_ref().map(|will| WillInfo {
+                topic: will.topic.to_owned(),
+                payload: Bytes::copy_from_slice(will.payload),
+                qos: will.qos,
+                retain: will.retain,
+            }),
+            receive_maximum: v5_u16(0x21),
+            maximum_packet_size: match packet::find_property(connect.properties, 0x27) {
+                Ok(Some(packet::Property::U32(size))) => Some(size),
+                _ => None,
+            },
+        };
+        let session = BrokerSession::of(&info);
+        // rumqttd 0.20 aliases topics toward a client per subscription filter, not per
+        // topic (a wildcard subscriber would get the wrong topics): it is never told that
+        // the device takes aliases.
+        let properties = match protocol {
+            Protocol::V5 => packet::without_property(connect.properties, 0x22)?,
+            Protocol::V311 => Vec::new(),
         };
         let forwarded = Connect {
             keep_alive: if keep_alive_zero {
@@ -396,6 +419,8 @@ impl FrontDoor {
             } else {
                 connect.keep_alive
             },
+            clean_start: session.clean,
+            properties: &properties,
             username: Some(&self.side_door.username),
             password: Some(self.side_door.password.as_bytes()),
             ..connect
@@ -403,6 +428,17 @@ impl FrontDoor {
         .encode();
         framer.consume(len);
 
+        if session.end_first {
+            // Boxed: a connection waiting for its CONNECT must stay small.
+            let end =
+                super::internal::end_session(backend, &self.side_door, protocol, &info.client_id);
+            if let Err(e) = Box::pin(end).await {
+                return Err(Refused::Broker(format!(
+                    "ending the earlier session of {:?}: {e}",
+                    info.client_id
+                )));
+            }
+        }
         let mut broker = TcpStream::connect(backend)
             .await
             .map_err(|e| Refused::Broker(format!("connecting to {backend}: {e}")))?;
@@ -505,6 +541,36 @@ impl FrontDoor {
                 Refused::Packet(e) => Refused::Broker(format!("unreadable packet: {e}")),
                 other => other,
             }),
+        }
+    }
+}
+
+/// What rumqttd is told about a device's session. rumqttd 0.20 keeps a session exactly when
+/// clean start is 0 and ignores MQTT 5's session expiry interval, so an MQTT 5 session
+/// with an expiry interval is kept (clean start 0 toward rumqttd), one without is not, and
+/// clean start with an expiry interval (a new session that outlives the connection) first
+/// ends the old one. Expiry itself is kept by the gateway's state (`crate::state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BrokerSession {
+    clean: bool,
+    end_first: bool,
+}
+
+impl BrokerSession {
+    fn of(info: &ConnInfo) -> Self {
+        match (info.protocol, info.session_expiry.unwrap_or(0)) {
+            (Protocol::V311, _) => BrokerSession {
+                clean: info.clean_start,
+                end_first: false,
+            },
+            (Protocol::V5, 0) => BrokerSession {
+                clean: true,
+                end_first: false,
+            },
+            (Protocol::V5, _) => BrokerSession {
+                clean: false,
+                end_first: info.clean_start,
+            },
         }
     }
 }

@@ -337,6 +337,9 @@ mod tests {
             username: Some("u".into()),
             clean_start: true,
             session_expiry: Some(0),
+            will: None,
+            receive_maximum: None,
+            maximum_packet_size: None,
         };
         let hooks = vec![factory.open(&conn).unwrap()];
         (Chain::new(protocol, hooks), health)

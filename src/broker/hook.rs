@@ -23,6 +23,20 @@ pub struct ConnInfo {
     pub clean_start: bool,
     /// MQTT 5's session expiry interval in seconds (None for MQTT 3.1.1).
     pub session_expiry: Option<u32>,
+    /// The will rumqttd publishes when the connection ends without a DISCONNECT.
+    pub will: Option<WillInfo>,
+    /// MQTT 5: QoS 1/2 deliveries the client takes unacknowledged (None: no limit given).
+    pub receive_maximum: Option<u16>,
+    /// MQTT 5: the largest packet the client takes (None: no limit given).
+    pub maximum_packet_size: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct WillInfo {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
 }
 
 /// What becomes of one packet.

@@ -15,6 +15,7 @@ pub mod front_door;
 mod gate;
 pub mod hook;
 mod intake;
+pub mod internal;
 pub mod listeners;
 pub mod packet;
 pub mod policy;
@@ -36,6 +37,17 @@ use crate::config::LocalConfig;
 
 pub use gate::GateFactory;
 pub use intake::{run_intake, IntakeRule, Rules as IntakeRules};
+
+/// What MQTT 5 devices on `local.listen_v5` get and do not get (rumqttd 0.20's MQTT 5 is
+/// partial): said by `check` and logged at start for a config with `listen_v5`.
+pub const MQTT5_LIMITS: &str = "\
+MQTT 5 (local.listen_v5): session expiry intervals, retained messages at QoS 0 at their own \
+QoS, topic aliases from devices and a device's maximum packet size are honoured. Not yet: \
+message expiry intervals (a message is delivered however old it is), subscription \
+identifiers, a device's receive maximum for live messages (up to 100 QoS 1/2 messages are in \
+flight to any device; only messages queued before a restart keep to it), a message retained \
+at QoS 1 reaches a QoS 2 subscription at QoS 2, and the MQTT 5 properties of messages queued \
+or retained across a restart (user properties, content type, response topic).";
 
 /// Client ids of the gateway's own in-process links start with this; the front door refuses
 /// devices that try to use it (a device taking a link's id would disconnect the link).

@@ -481,6 +481,8 @@ pub struct Publish<'a> {
     pub packet_id: Option<u16>,
     /// MQTT 5 topic alias.
     pub topic_alias: Option<u16>,
+    /// MQTT 5 properties, as sent (without their length).
+    pub properties: &'a [u8],
     pub payload: &'a [u8],
 }
 
@@ -496,13 +498,10 @@ impl<'a> Publish<'a> {
             0 => None,
             _ => Some(r.u16("packet id")?),
         };
-        let topic_alias = if v5 {
-            match find_property(r.properties()?, 0x23)? {
-                Some(Property::U16(alias)) => Some(alias),
-                _ => None,
-            }
-        } else {
-            None
+        let properties = if v5 { r.properties()? } else { &[] };
+        let topic_alias = match find_property(properties, 0x23)? {
+            Some(Property::U16(alias)) => Some(alias),
+            _ => None,
         };
         if topic.is_empty() && topic_alias.is_none() {
             return Err(PacketError::Malformed("PUBLISH without a topic"));
@@ -514,8 +513,25 @@ impl<'a> Publish<'a> {
             topic,
             packet_id,
             topic_alias,
+            properties,
             payload: r.rest(),
         })
+    }
+
+    /// The packet as it would be sent, with this struct's fields (`packet_id` is used for
+    /// QoS 1 and 2 only).
+    pub fn encode(&self, protocol: Protocol) -> Vec<u8> {
+        let mut body = Vec::with_capacity(self.topic.len() + self.payload.len() + 8);
+        put_binary(&mut body, self.topic.as_bytes());
+        if self.qos > 0 {
+            body.extend_from_slice(&self.packet_id.unwrap_or(1).to_be_bytes());
+        }
+        if protocol == Protocol::V5 {
+            put_properties(&mut body, self.properties);
+        }
+        body.extend_from_slice(self.payload);
+        let flags = (u8::from(self.dup) << 3) | (self.qos << 1) | u8::from(self.retain);
+        with_header((PUBLISH << 4) | flags, &body)
     }
 }
 
@@ -628,6 +644,56 @@ pub fn ack(kind: u8, protocol: Protocol, packet_id: u16, reason: u8) -> Vec<u8> 
 }
 
 pub const PINGREQ_PACKET: [u8; 2] = [PINGREQ << 4, 0];
+/// DISCONNECT, normal (also MQTT 5: no reason code means 0).
+pub const DISCONNECT_PACKET: [u8; 2] = [DISCONNECT << 4, 0];
+
+/// An MQTT 5 property block without every property `id` (the others as they were).
+pub fn without_property(mut props: &[u8], id: u8) -> Result<Vec<u8>, PacketError> {
+    let mut kept = Vec::with_capacity(props.len());
+    while !props.is_empty() {
+        let mut r = Reader::new(props);
+        let this = r.varint("property id")?;
+        let rest = r.rest();
+        let after = rest.len() - property_value_len(this, rest)?;
+        let whole = &props[..props.len() - after];
+        if this != usize::from(id) {
+            kept.extend_from_slice(whole);
+        }
+        props = &props[props.len() - after..];
+    }
+    Ok(kept)
+}
+
+/// Bytes of the value of property `id` at the start of `rest`.
+fn property_value_len(id: usize, rest: &[u8]) -> Result<usize, PacketError> {
+    let mut r = Reader::new(rest);
+    match id {
+        0x01 | 0x17 | 0x19 | 0x24 | 0x25 | 0x28 | 0x29 | 0x2A => {
+            r.u8("property")?;
+        }
+        0x13 | 0x21 | 0x22 | 0x23 => {
+            r.u16("property")?;
+        }
+        0x02 | 0x11 | 0x18 | 0x27 => {
+            r.u32("property")?;
+        }
+        0x0B => {
+            r.varint("property")?;
+        }
+        0x03 | 0x08 | 0x12 | 0x15 | 0x1A | 0x1C | 0x1F => {
+            r.string("property")?;
+        }
+        0x09 | 0x16 => {
+            r.binary("property")?;
+        }
+        0x26 => {
+            r.string("user property")?;
+            r.string("user property")?;
+        }
+        _ => return Err(PacketError::Malformed("unknown property")),
+    }
+    Ok(rest.len() - r.buf.len())
+}
 
 /// A property value, for the few the front door reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

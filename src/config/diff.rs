@@ -108,6 +108,9 @@ pub struct ConfigDiff {
     pub rules: DeviceChanges,
     /// `[local]` keys applied live by the front door.
     pub local: Vec<&'static str>,
+    /// `local.max_retained_size` and `local.max_queued_messages` (the state's owner
+    /// applies them).
+    pub persistence: Vec<&'static str>,
     /// Device passwords and ACL: the keys, or the files' content, that changed.
     pub security: Vec<String>,
     /// `[gateway]` keys applied live by the status reporter.
@@ -168,6 +171,10 @@ impl ConfigDiff {
             rules: DeviceChanges::between(&old.rules, &new.rules, |r: &ThresholdRule| &r.name),
             local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
                 max_connections, connect_timeout),
+            persistence: {
+                let (o, n) = (&old.local.persistence, &new.local.persistence);
+                changed_keys!(o, n, "local": max_retained_size, max_queued_messages)
+            },
             security: changed_keys!(old.local.security, new.local.security, "local":
                 password_file, allow_anonymous, acl_file)
             .into_iter()
@@ -219,6 +226,12 @@ impl ConfigDiff {
         devices(&mut parts, "rule", &self.rules, "changed");
         if !self.local.is_empty() {
             parts.push(format!("front door applied ({})", self.local.join(", ")));
+        }
+        if !self.persistence.is_empty() {
+            parts.push(format!(
+                "local state bounds applied ({})",
+                self.persistence.join(", ")
+            ));
         }
         if !self.security.is_empty() {
             parts.push(format!(
@@ -297,6 +310,7 @@ pub fn applicable(started: &Config, new: &Config) -> Config {
         },
         max_connections: new.local.max_connections.min(started.local.max_connections),
         connect_timeout: new.local.connect_timeout,
+        persistence: new.local.persistence,
         security: LocalSecurity {
             password_file: new.local.security.password_file.clone(),
             allow_anonymous: new.local.security.allow_anonymous,
@@ -341,6 +355,7 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
         max_payload: started.local.max_payload,
         max_connections: started.local.max_connections,
         connect_timeout: started.local.connect_timeout,
+        persistence: started.local.persistence,
         security: started.local.security.clone(),
         ..new.local.clone()
     };
@@ -452,6 +467,26 @@ address = "127.0.0.1:502"
             diff.summary(),
             r#"cloud unchanged, rule "heaters" added, rule "fans" removed"#
         );
+    }
+
+    #[test]
+    fn the_bounds_of_the_local_state_apply_live() {
+        let old = parse(BASE);
+        let new = parse(&BASE.replace(
+            "[cloud]",
+            "[local]\nmax_retained_size = \"1MiB\"\nmax_queued_messages = 10\n[cloud]",
+        ));
+        let diff = ConfigDiff::between(&old, &old, &new, &[]);
+        assert_eq!(
+            diff.persistence,
+            ["local.max_retained_size", "local.max_queued_messages"]
+        );
+        assert!(diff.restart_needed.is_empty(), "{:?}", diff.restart_needed);
+        assert_eq!(
+            applicable(&old, &new).local.persistence.max_queued_messages,
+            10
+        );
+        assert!(diff.summary().contains("local state bounds applied"));
     }
 
     #[test]

@@ -202,6 +202,17 @@ pub struct LocalConfig {
     pub connect_timeout: Duration,
     /// Passwords, ACLs, TLS and per-client limits for devices.
     pub security: LocalSecurity,
+    /// What `state.db` keeps of the local broker across restarts.
+    pub persistence: Persistence,
+}
+
+/// Bounds of what the local broker keeps across restarts (`state.db`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Persistence {
+    /// Bytes of topic plus payload of the retained messages kept.
+    pub max_retained_size: u64,
+    /// QoS 1/2 messages kept per persistent session for its device (the oldest go first).
+    pub max_queued_messages: usize,
 }
 
 /// Who may connect to the local broker and what they may do.

@@ -49,6 +49,8 @@ pub struct RawLocal {
     pub ca_file: Option<String>,
     pub require_certificate: Option<bool>,
     pub use_identity_as_username: Option<bool>,
+    pub max_retained_size: Option<Value>,
+    pub max_queued_messages: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

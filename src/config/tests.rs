@@ -55,6 +55,10 @@ fn a_minimal_file_gets_every_default() {
                 max_subscriptions: 1000,
                 tls: None,
             },
+            persistence: Persistence {
+                max_retained_size: 16 << 20,
+                max_queued_messages: 1000,
+            },
         },
         cloud: CloudConfig {
             url: CloudUrl {
@@ -396,7 +400,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 24);
+    assert_eq!(uncommented_keys, 26);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }

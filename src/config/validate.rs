@@ -257,6 +257,20 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
             defaults::CONNECT_TIMEOUT,
             at_least_ms(100),
         ),
+        persistence: super::Persistence {
+            max_retained_size: s.size(
+                "max_retained_size",
+                &raw.max_retained_size,
+                defaults::MAX_RETAINED_SIZE,
+                0..=u64::MAX,
+            ),
+            max_queued_messages: s.int(
+                "max_queued_messages",
+                raw.max_queued_messages,
+                defaults::MAX_QUEUED_MESSAGES,
+                0..=1_000_000,
+            ),
+        },
     }
 }
 

@@ -10,6 +10,7 @@ mod field;
 mod gateway;
 mod mosquitto;
 mod mqtt;
+mod mqtt5;
 mod proxy;
 pub mod raw;
 
@@ -24,6 +25,7 @@ pub use mqtt::{
     publish_all, publish_many, publish_paced, publish_retained, retained, seq_payload,
     telemetry_burst, Collector, Deliveries, Expected, LocalSubscriber, Received,
 };
+pub use mqtt5::{publish_by_alias, Device5, QoS5, Received5};
 pub use proxy::Proxy;
 pub use rumqttc::QoS;
 

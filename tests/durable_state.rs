@@ -1,0 +1,496 @@
+//! A restart forgets nothing: retained messages, persistent sessions and the commands (and
+//! rules' decisions) waiting for offline actuators survive SIGTERM, kill -9 and MQTT 5
+//! sessions, and none of it costs a disk write for plain telemetry.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use support::{
+    free_port, publish_all, publish_by_alias, publish_paced, publish_retained, retained, Collector,
+    Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5, COMMAND_PREFIX,
+    TELEMETRY_FILTER,
+};
+
+const FAN: &str = "warehouse/zone1/fan/command";
+const FAN_STATE: &str = "warehouse/zone1/fan/state";
+
+/// The operator sends `payload` to the fan from the cloud, QoS 1.
+async fn send_command(cloud_port: u16, payload: &str) {
+    let message = vec![(
+        format!("{COMMAND_PREFIX}{FAN}"),
+        payload.as_bytes().to_vec(),
+    )];
+    publish_all(cloud_port, "operator", QoS::AtLeastOnce, message).await;
+}
+
+/// Rows of `state.db` matching `sql` (a `SELECT count(*) ...`), read beside the gateway.
+fn stored(data_dir: &Path, sql: &str) -> i64 {
+    let Ok(db) = rusqlite::Connection::open_with_flags(
+        data_dir.join("state.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    ) else {
+        return -1;
+    };
+    db.query_row(sql, [], |r| r.get(0)).unwrap_or(-1)
+}
+
+/// Waits until `state.db` holds what `sql` counts (`n` rows): the durability window passed.
+async fn wait_stored(gateway: &Gateway, sql: &str, n: i64) {
+    let data_dir = gateway.data_dir.clone();
+    assert!(
+        support::wait_until(Duration::from_secs(10), || stored(&data_dir, sql) == n).await,
+        "state.db does not hold {n} rows for {sql:?} within 10 s (has {}):\n{}",
+        stored(&data_dir, sql),
+        gateway.log()
+    );
+}
+
+const QUEUED_FOR_FAN: &str = "SELECT count(*) FROM queued WHERE client_id = 'fan-actuator'";
+
+/// The fan actuator: a persistent session subscribed to its command topic, then offline.
+async fn fan_subscribes_and_leaves(gateway: &Gateway) {
+    let fan = LocalSubscriber::connect(
+        gateway.local_port,
+        "fan-actuator",
+        false,
+        Some((FAN, QoS::AtLeastOnce)),
+    )
+    .await;
+    fan.disconnect().await;
+    wait_stored(
+        gateway,
+        "SELECT count(*) FROM subscriptions WHERE client_id = 'fan-actuator'",
+        1,
+    )
+    .await;
+}
+
+/// The fan comes back without subscribing: its session must be there.
+async fn fan_returns(gateway: &Gateway) -> LocalSubscriber {
+    LocalSubscriber::connect(gateway.local_port, "fan-actuator", false, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retained_state_survives_sigterm_and_kill_9_and_its_clearing_too() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    publish_retained(port, "fan-1", QoS::AtLeastOnce, FAN_STATE, "ON").await;
+    assert_eq!(
+        retained(port, FAN_STATE, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("ON")
+    );
+
+    let (status, _) = gateway.terminate();
+    assert!(status.success(), "{status}:\n{}", gateway.log());
+    gateway.start_again();
+    assert_eq!(
+        retained(gateway.local_port, FAN_STATE, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("ON"),
+        "the retained state is gone after SIGTERM and a restart:\n{}",
+        gateway.log()
+    );
+
+    publish_retained(port, "fan-1", QoS::AtLeastOnce, FAN_STATE, "OFF").await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM retained WHERE payload = CAST('OFF' AS BLOB)",
+        1,
+    )
+    .await;
+    gateway.kill9();
+    gateway.start_again();
+    assert_eq!(
+        retained(port, FAN_STATE, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("OFF"),
+        "the retained state is not the latest after kill -9:\n{}",
+        gateway.log()
+    );
+    let status = gateway
+        .wait_status(Duration::from_secs(5), "the retained count", |s| {
+            s["local"]["retained"].as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+    assert!(status["local"]["retained_bytes"].as_u64().unwrap_or(0) >= FAN_STATE.len() as u64);
+
+    // An empty retained payload clears it, for good.
+    publish_retained(port, "fan-1", QoS::AtLeastOnce, FAN_STATE, "").await;
+    wait_stored(&gateway, "SELECT count(*) FROM retained", 0).await;
+    gateway.kill9();
+    gateway.start_again();
+    assert_eq!(
+        retained(port, FAN_STATE, Duration::from_secs(2)).await,
+        None,
+        "a cleared retained message came back after kill -9"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_offline_actuator_gets_a_command_sent_after_a_restart() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    fan_subscribes_and_leaves(&gateway).await;
+
+    let (status, _) = gateway.terminate();
+    assert!(status.success());
+    gateway.start_again();
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    send_command(cloud.port, "ON").await;
+
+    let mut fan = fan_returns(&gateway).await;
+    assert!(
+        fan.session_present,
+        "the fan's session is gone after a restart"
+    );
+    let command = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("the fan got no command after the restart");
+    assert_eq!(
+        (command.topic.as_str(), command.payload.as_str()),
+        (FAN, "ON")
+    );
+    assert_eq!(command.qos, QoS::AtLeastOnce);
+    assert!(fan.recv(Duration::from_millis(500)).await.is_none());
+    let status = gateway.status().expect("status.json");
+    assert!(
+        status["local"]["sessions"].as_u64().unwrap_or(0) >= 1,
+        "{status}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_queued_before_kill_9_is_delivered_once_after_the_restart() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    fan_subscribes_and_leaves(&gateway).await;
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    send_command(cloud.port, "ON").await;
+    wait_stored(&gateway, QUEUED_FOR_FAN, 1).await;
+
+    gateway.kill9();
+    gateway.start_again();
+    let mut fan = fan_returns(&gateway).await;
+    assert!(fan.session_present);
+    let command = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("the fan got no command after kill -9:\n{}", gateway.log()));
+    assert_eq!(
+        (command.topic.as_str(), command.payload.as_str()),
+        (FAN, "ON")
+    );
+    assert!(
+        fan.recv(Duration::from_secs(1)).await.is_none(),
+        "the command came twice"
+    );
+    fan.disconnect().await;
+    wait_stored(&gateway, QUEUED_FOR_FAN, 0).await;
+
+    // Acknowledged: never again, neither on a reconnect nor after another restart.
+    let mut fan = fan_returns(&gateway).await;
+    assert!(fan.recv(Duration::from_secs(1)).await.is_none());
+    fan.disconnect().await;
+    gateway.kill9();
+    gateway.start_again();
+    let mut fan = fan_returns(&gateway).await;
+    assert!(fan.session_present);
+    assert!(
+        fan.recv(Duration::from_secs(1)).await.is_none(),
+        "an acknowledged command was replayed after a restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rules_decision_for_an_offline_fan_survives_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port).append(
+        r#"
+[[rule]]
+name = "zone fans"
+topic = "warehouse/+/temp"
+publish = "warehouse/{1}/fan/command"
+above = 30.0
+clear_below = 28.0
+on = "ON"
+off = "OFF"
+"#,
+    ));
+    fan_subscribes_and_leaves(&gateway).await;
+    // The zone heats up while the fan is away: the rule switches it on, queued for it.
+    let reading = vec![("warehouse/zone1/temp".to_owned(), b"31.5".to_vec())];
+    publish_all(gateway.local_port, "sensor-1", QoS::AtLeastOnce, reading).await;
+    wait_stored(&gateway, QUEUED_FOR_FAN, 1).await;
+
+    gateway.kill9();
+    gateway.start_again();
+    let mut fan = fan_returns(&gateway).await;
+    assert!(fan.session_present);
+    let command = fan.recv(Duration::from_secs(5)).await.unwrap_or_else(|| {
+        panic!(
+            "the fan never got the rule's ON after kill -9:\n{}",
+            gateway.log()
+        )
+    });
+    assert_eq!(
+        (command.topic.as_str(), command.payload.as_str()),
+        (FAN, "ON")
+    );
+    assert!(
+        fan.recv(Duration::from_secs(1)).await.is_none(),
+        "the rule's decision came twice"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_session_after_a_restart_starts_afresh() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    fan_subscribes_and_leaves(&gateway).await;
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    send_command(cloud.port, "ON").await;
+    wait_stored(&gateway, QUEUED_FOR_FAN, 1).await;
+    let (status, _) = gateway.terminate();
+    assert!(status.success());
+    gateway.start_again();
+
+    let mut fan = LocalSubscriber::connect(gateway.local_port, "fan-actuator", true, None).await;
+    assert!(!fan.session_present);
+    assert!(fan.recv(Duration::from_secs(1)).await.is_none());
+    fan.disconnect().await;
+    wait_stored(&gateway, "SELECT count(*) FROM sessions", 0).await;
+    let mut fan = fan_returns(&gateway).await;
+    assert!(!fan.session_present, "a clean start left the old session");
+    assert!(fan.recv(Duration::from_secs(1)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt5_session_gets_what_came_while_it_was_away_before_and_after_a_restart() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let v5_port = free_port();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port).set_str(
+        "local",
+        "listen_v5",
+        &format!("127.0.0.1:{v5_port}"),
+    ));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    // Retained at QoS 0: a QoS 1 subscriber gets it at QoS 0.
+    publish_retained(
+        gateway.local_port,
+        "fan-1",
+        QoS::AtMostOnce,
+        FAN_STATE,
+        "idle",
+    )
+    .await;
+
+    let mut fan = Device5::connect(v5_port, "fan-v5", true, 3600).await;
+    assert!(!fan.session_present);
+    fan.subscribe(FAN, QoS5::AtLeastOnce).await;
+    fan.subscribe(FAN_STATE, QoS5::AtLeastOnce).await;
+    let state = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("retained state");
+    assert_eq!(
+        (state.payload.as_str(), state.qos, state.retain),
+        ("idle", QoS5::AtMostOnce, true)
+    );
+    fan.disconnect().await;
+
+    send_command(cloud.port, "ON").await;
+    let mut fan = Device5::connect(v5_port, "fan-v5", false, 3600).await;
+    assert!(fan.session_present, "the MQTT 5 session is gone");
+    let command = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("the command sent while away");
+    assert_eq!(
+        (command.topic.as_str(), command.payload.as_str()),
+        (FAN, "ON")
+    );
+    fan.disconnect().await;
+
+    send_command(cloud.port, "OFF").await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM queued WHERE client_id = 'fan-v5'",
+        1,
+    )
+    .await;
+    let (status, _) = gateway.terminate();
+    assert!(status.success());
+    gateway.start_again();
+    let mut fan = Device5::connect(v5_port, "fan-v5", false, 3600).await;
+    assert!(
+        fan.session_present,
+        "the MQTT 5 session is gone after a restart"
+    );
+    let command = fan
+        .recv(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no command after the restart:\n{}", gateway.log()));
+    assert_eq!(
+        (command.topic.as_str(), command.payload.as_str()),
+        (FAN, "OFF")
+    );
+    assert!(fan.recv(Duration::from_secs(1)).await.is_none());
+    fan.disconnect().await;
+
+    // Topic aliases from a device: the broker keeps the topic they stand for.
+    publish_by_alias(v5_port, "fan-v5-state", FAN_STATE, &["starting", "running"]).await;
+    assert_eq!(
+        retained(gateway.local_port, FAN_STATE, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("running")
+    );
+
+    // A clean start with an expiry interval is a new session, without the old one's
+    // subscriptions.
+    let fan = Device5::connect(v5_port, "fan-v5", true, 3600).await;
+    assert!(!fan.session_present);
+    fan.disconnect().await;
+    send_command(cloud.port, "ON").await;
+    let mut fan = Device5::connect(v5_port, "fan-v5", false, 3600).await;
+    assert!(fan.session_present);
+    assert!(fan.recv(Duration::from_secs(1)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_telemetry_adds_no_disk_writes() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let gateway = Gateway::start(
+        GatewayConfig::new(cloud.port)
+            .set_str("queue", "commit_interval", "1s")
+            .set_str("gateway", "metrics_interval", "10s"),
+    );
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    // The state is in use: a retained message and an offline persistent session.
+    publish_retained(
+        gateway.local_port,
+        "fan-1",
+        QoS::AtLeastOnce,
+        FAN_STATE,
+        "ON",
+    )
+    .await;
+    fan_subscribes_and_leaves(&gateway).await;
+    wait_stored(&gateway, "SELECT count(*) FROM retained", 1).await;
+    let state_files = || {
+        ["state.db", "state.db-wal"].map(|name| {
+            std::fs::metadata(gateway.data_dir.join(name))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+    };
+    let before_files = state_files();
+    let before = gateway.write_bytes();
+
+    let messages = (0..500)
+        .map(|i| {
+            (
+                "warehouse/zone1/temp".to_owned(),
+                format!("{i}").into_bytes(),
+            )
+        })
+        .collect();
+    publish_paced(
+        gateway.local_port,
+        "sensor",
+        QoS::AtLeastOnce,
+        messages,
+        Duration::from_millis(10),
+    )
+    .await;
+    assert!(collector.wait_for_count(500, Duration::from_secs(20)).await);
+    let written = gateway.write_bytes() - before;
+    println!(
+        "100 msg/s for 5 s with a retained message and a stored session: {written} bytes written"
+    );
+    assert_eq!(
+        state_files(),
+        before_files,
+        "state.db was written for telemetry"
+    );
+    assert!(
+        written <= 500 * 50,
+        "{written} bytes written for 500 messages"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_will_that_became_the_retained_state_survives_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let status_topic = "warehouse/zone1/fan/status";
+    let mut options = rumqttc::MqttOptions::new("fan-1", "127.0.0.1", gateway.local_port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_last_will(rumqttc::LastWill::new(
+        status_topic,
+        "offline",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    client
+        .publish(status_topic, QoS::AtLeastOnce, true, "online")
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, eventloop.poll()).await {
+            Ok(Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)))) => break,
+            Ok(Ok(_)) => {}
+            other => panic!("publishing the online status: {other:?}"),
+        }
+    }
+    assert_eq!(
+        retained(gateway.local_port, status_topic, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("online")
+    );
+    // The fan loses power: its connection ends without DISCONNECT, and the broker
+    // publishes its will.
+    drop(eventloop);
+    drop(client);
+    let port = gateway.local_port;
+    assert!(
+        support::wait_until(Duration::from_secs(10), || {
+            stored(
+                &gateway.data_dir,
+                "SELECT count(*) FROM retained WHERE payload = CAST('offline' AS BLOB)",
+            ) == 1
+        })
+        .await,
+        "the will did not become the stored retained state:\n{}",
+        gateway.log()
+    );
+    gateway.kill9();
+    gateway.start_again();
+    assert_eq!(
+        retained(port, status_topic, Duration::from_secs(5))
+            .await
+            .as_deref(),
+        Some("offline"),
+        "after kill -9 the fan's status is not its will"
+    );
+}
