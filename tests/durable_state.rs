@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use support::{
-    free_port, publish_all, publish_by_alias, publish_paced, publish_retained, retained, Collector,
-    Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5, COMMAND_PREFIX,
-    TELEMETRY_FILTER,
+    free_port, paho, publish_all, publish_by_alias, publish_paced, publish_retained, retained,
+    Collector, Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5,
+    COMMAND_PREFIX, TELEMETRY_FILTER,
 };
 
 const FAN: &str = "warehouse/zone1/fan/command";
@@ -251,6 +251,70 @@ off = "OFF"
     assert!(
         fan.recv(Duration::from_secs(1)).await.is_none(),
         "the rule's decision came twice"
+    );
+}
+
+/// The Eclipse Paho 3.1.1 client, as devices on the plant floor run it: a retained state,
+/// a retained will and a persistent session with a message queued for it, across kill -9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paho_devices_keep_retained_will_and_session_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    const DOOR: &str = "warehouse/zone1/door/state";
+    paho(port, &["retain-set", FAN_STATE, "ON"]);
+    paho(port, &["will-arm", "door-sensor", DOOR, "offline"]);
+    paho(port, &["sub-leave", "fan-paho", FAN]);
+    // Before the restart, as a broker must.
+    assert_eq!(
+        paho(port, &["retain-get", DOOR]),
+        [format!(
+            "message topic={DOOR} payload=offline qos=1 retain=1 dup=0"
+        )],
+        "the will did not become the retained state:\n{}",
+        gateway.log()
+    );
+    paho(port, &["publish", FAN, "ON"]);
+    wait_stored(&gateway, "SELECT count(*) FROM retained", 2).await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM queued WHERE client_id = 'fan-paho'",
+        1,
+    )
+    .await;
+
+    gateway.kill9();
+    gateway.start_again();
+    assert_eq!(
+        paho(port, &["retain-get", FAN_STATE]),
+        [format!(
+            "message topic={FAN_STATE} payload=ON qos=1 retain=1 dup=0"
+        )],
+        "the retained state is gone after kill -9:\n{}",
+        gateway.log()
+    );
+    assert_eq!(
+        paho(port, &["retain-get", DOOR]),
+        [format!(
+            "message topic={DOOR} payload=offline qos=1 retain=1 dup=0"
+        )]
+    );
+    let resumed = paho(port, &["resume", "fan-paho", "1.5"]);
+    assert_eq!(
+        resumed.first().map(String::as_str),
+        Some("session_present=1"),
+        "{resumed:?}:\n{}",
+        gateway.log()
+    );
+    let fan: Vec<_> = resumed[1..]
+        .iter()
+        .filter(|l| l.starts_with(&format!("message topic={FAN} payload=ON qos=1")))
+        .collect();
+    assert_eq!(
+        (fan.len(), resumed.len()),
+        (1, 2),
+        "the queued command once and nothing else: {resumed:?}"
     );
 }
 

@@ -333,3 +333,29 @@ pub async fn latest(
     }
     seen
 }
+
+/// One step of `tests/support/paho_client.py` (the Eclipse Paho 3.1.1 client playing a
+/// device) against the local broker on `port`: its output lines. Panics when the step
+/// fails, with what it printed.
+pub fn paho(port: u16, args: &[&str]) -> Vec<String> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/paho_client.py");
+    let out = Command::new(python())
+        .arg(script)
+        .arg(port.to_string())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!(
+                "starting {} (set BRIDGEHEAD_TEST_PYTHON to a python with paho-mqtt 1.6.1): {e}",
+                python().display()
+            )
+        });
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "paho {args:?}: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout.lines().map(str::to_owned).collect()
+}
