@@ -300,13 +300,19 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     systemd::stopping();
     let _ = shutdown_tx.send(true);
     let finished = tokio::time::timeout(SHUTDOWN_BUDGET, async {
-        // The intake hands over what the broker already accepted, the uplink reports what
-        // the cloud acknowledged, then the outbox writes what is left.
-        supervisor.join(&intake).await;
-        supervisor.join(&uplink).await;
-        if let Err(e) = outbox.shutdown().await {
-            warn!(error = %e, "closing the outbox");
-        }
+        // The local broker's state is written at once, beside the outbox's shutdown: a
+        // slow outbox must not leave it unwritten when the budget runs out.
+        let outbox_done = async {
+            // The intake hands over what the broker already accepted, the uplink reports
+            // what the cloud acknowledged, then the outbox writes what is left.
+            supervisor.join(&intake).await;
+            supervisor.join(&uplink).await;
+            if let Err(e) = outbox.shutdown().await {
+                warn!(error = %e, "closing the outbox");
+            }
+        };
+        tokio::join!(state.flush(), outbox_done);
+        // What the last moments of the downlink and the rules recorded.
         state.flush().await;
         supervisor.join_all().await;
     })

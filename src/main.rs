@@ -32,7 +32,8 @@ enum Command {
     /// Print the state of the gateway running with this config, as of this moment.
     ///
     /// Exit codes: 0 running and linked to the cloud; 2 running, a cloud link is not up;
-    /// 3 not running (the last status.json is shown with its age); 1 bad config or usage.
+    /// 3 not running (the last status.json is shown with its age); 1 no config file, no
+    /// permission to its state, or a usage error.
     Status {
         #[arg(long, short, value_name = "FILE")]
         config: PathBuf,
@@ -74,7 +75,17 @@ enum DeadLetterAction {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // clap's own exit code for a usage error is 2, which `status` uses for "link down".
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.use_stderr() {
+                true => ExitCode::FAILURE,
+                false => ExitCode::SUCCESS, // --help, --version
+            };
+        }
+    };
     match cli.command {
         Command::Check { config } => match bridgehead::config::load(&config) {
             Ok(loaded) => {
@@ -163,6 +174,16 @@ fn status(path: &Path, json: bool) -> ExitCode {
         } else {
             RUNNING_LINK_DOWN
         });
+    }
+    if let Err(e) = std::fs::read_dir(data_dir) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied {
+            eprintln!(
+                "{}: permission denied: the gateway's state is for user and group bridgehead \
+                 (use sudo, or add yourself to group bridgehead)",
+                data_dir.display()
+            );
+            return ExitCode::FAILURE;
+        }
     }
     let file = data_dir.join("status.json");
     let read = std::fs::read_to_string(&file).ok().and_then(|text| {

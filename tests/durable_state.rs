@@ -47,6 +47,17 @@ async fn wait_stored(gateway: &Gateway, sql: &str, n: i64) {
     );
 }
 
+/// Waits until the gateway's MQTT 5 port accepts connections.
+async fn v5_listens(port: u16) {
+    assert!(
+        support::wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        })
+        .await,
+        "the MQTT 5 port 127.0.0.1:{port} does not listen within 10 s"
+    );
+}
+
 const QUEUED_FOR_FAN: &str = "SELECT count(*) FROM queued WHERE client_id = 'fan-actuator'";
 
 /// The fan actuator: a persistent session subscribed to its command topic, then offline.
@@ -352,6 +363,7 @@ async fn an_mqtt5_session_gets_what_came_while_it_was_away_before_and_after_a_re
         &format!("127.0.0.1:{v5_port}"),
     ));
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    v5_listens(v5_port).await;
     // Retained at QoS 0: a QoS 1 subscriber gets it at QoS 0.
     publish_retained(
         gateway.local_port,
@@ -399,6 +411,8 @@ async fn an_mqtt5_session_gets_what_came_while_it_was_away_before_and_after_a_re
     let (status, _) = gateway.terminate();
     assert!(status.success());
     gateway.start_again();
+    // The gateway is ready once its first port listens; the MQTT 5 port follows.
+    v5_listens(v5_port).await;
     let mut fan = Device5::connect(v5_port, "fan-v5", false, 3600).await;
     assert!(
         fan.session_present,

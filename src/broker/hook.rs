@@ -100,27 +100,37 @@ impl Chain {
             Packet::parse(frame, self.protocol)?;
             return Ok(Verdict::Pass);
         }
-        let mut replaced: Option<Bytes> = None;
+        // Parsed once, and again only after a hook replaced the packet.
         let n = self.hooks.len();
-        for i in 0..n {
-            let hook = match direction {
-                Direction::FromDevice => &mut self.hooks[i],
-                Direction::FromBroker => &mut self.hooks[n - 1 - i],
-            };
-            let current = replaced.as_deref().unwrap_or(frame);
-            let packet = Packet::parse(current, self.protocol)?;
-            let verdict = match direction {
-                Direction::FromDevice => hook.device_packet(&packet, replies),
-                Direction::FromBroker => hook.broker_packet(&packet, replies),
-            };
-            match verdict {
-                Verdict::Pass => {}
-                Verdict::Drop => return Ok(Verdict::Drop),
-                Verdict::Close(why) => return Ok(Verdict::Close(why)),
-                Verdict::Replace(bytes) => replaced = Some(bytes),
+        let (mut start, mut replaced): (usize, Option<Bytes>) = (0, None);
+        loop {
+            let owned = replaced.clone();
+            let packet = Packet::parse(owned.as_deref().unwrap_or(frame), self.protocol)?;
+            let mut next = None;
+            for i in start..n {
+                let hook = match direction {
+                    Direction::FromDevice => &mut self.hooks[i],
+                    Direction::FromBroker => &mut self.hooks[n - 1 - i],
+                };
+                let verdict = match direction {
+                    Direction::FromDevice => hook.device_packet(&packet, replies),
+                    Direction::FromBroker => hook.broker_packet(&packet, replies),
+                };
+                match verdict {
+                    Verdict::Pass => {}
+                    Verdict::Drop => return Ok(Verdict::Drop),
+                    Verdict::Close(why) => return Ok(Verdict::Close(why)),
+                    Verdict::Replace(bytes) => {
+                        next = Some((i + 1, bytes));
+                        break;
+                    }
+                }
+            }
+            match next {
+                None => return Ok(replaced.map_or(Verdict::Pass, Verdict::Replace)),
+                Some((i, bytes)) => (start, replaced) = (i, Some(bytes)),
             }
         }
-        Ok(replaced.map_or(Verdict::Pass, Verdict::Replace))
     }
 
     /// Tells every hook that the connection ended.

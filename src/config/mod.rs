@@ -108,8 +108,29 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
 /// Where the gateway running with the file at `path` keeps its state, read as leniently as
 /// possible: `bridgehead status` must find the running gateway even when the file has
 /// problems (an edit that a reload refused).
+///
+/// A file that sets no `data_dir` means `$STATE_DIRECTORY` under systemd; from a shell,
+/// where that is not set, the packaged unit's state directory ([`PACKAGED_DATA_DIR`]) is
+/// taken when it holds a gateway's files (or cannot be looked into) and `./bridgehead-data`
+/// does not: `bridgehead status --config /etc/bridgehead/bridgehead.toml` on the box finds
+/// the gateway the unit runs.
 pub fn data_dir_of(path: &Path) -> PathBuf {
-    let state_directory = std::env::var_os("STATE_DIRECTORY");
+    data_dir_from(
+        path,
+        std::env::var_os("STATE_DIRECTORY").as_deref(),
+        [Path::new(defaults::DATA_DIR), Path::new(PACKAGED_DATA_DIR)],
+    )
+}
+
+/// The `StateDirectory=` of `systemd/bridgehead.service`.
+pub const PACKAGED_DATA_DIR: &str = "/var/lib/bridgehead";
+
+/// `local` and `packaged`: where a gateway run from a shell and the unit keep their state.
+fn data_dir_from(
+    path: &Path,
+    state_directory: Option<&std::ffi::OsStr>,
+    [local, packaged]: [&Path; 2],
+) -> PathBuf {
     let configured = std::fs::read_to_string(path).ok().and_then(|text| {
         let table: toml::Table = text.parse().ok()?;
         table
@@ -118,7 +139,25 @@ pub fn data_dir_of(path: &Path) -> PathBuf {
             .as_str()
             .map(PathBuf::from)
     });
-    configured.unwrap_or_else(|| defaults::data_dir(state_directory.as_deref()))
+    if let Some(dir) = configured {
+        return dir;
+    }
+    if state_directory.is_some_and(|d| !d.is_empty()) {
+        return defaults::data_dir(state_directory);
+    }
+    // A gateway's files, or a directory this user may not look into (the unit's is 0750).
+    let holds = |dir: &Path| {
+        ["status.sock", "status.json", "outbox.db"]
+            .iter()
+            .any(|name| match std::fs::symlink_metadata(dir.join(name)) {
+                Ok(_) => true,
+                Err(e) => e.kind() == std::io::ErrorKind::PermissionDenied,
+            })
+    };
+    match !holds(local) && holds(packaged) {
+        true => packaged.to_path_buf(),
+        false => local.to_path_buf(),
+    }
 }
 
 /// Parses and validates config text; `file` names it in the problems.

@@ -660,3 +660,38 @@ fn the_cloud_url_may_list_failover_nodes() {
         ["test.toml:6: cloud.url: mixes mqtt:// and mqtts://; all nodes of the list must use the same scheme"]
     );
 }
+
+#[test]
+fn status_finds_the_packaged_gateway_from_a_shell() {
+    let dir = tempfile::tempdir().unwrap();
+    let (local, packaged) = (dir.path().join("local"), dir.path().join("packaged"));
+    std::fs::create_dir_all(&packaged).unwrap();
+    let config = dir.path().join("bridgehead.toml");
+    std::fs::write(&config, MINIMAL).unwrap();
+    let dirs = [local.as_path(), packaged.as_path()];
+    // Nothing anywhere: the shell's default.
+    assert_eq!(data_dir_from(&config, None, dirs), local);
+    // The unit's gateway left its files: that is the one asked.
+    std::fs::write(packaged.join("status.json"), "{}").unwrap();
+    assert_eq!(data_dir_from(&config, None, dirs), packaged);
+    // A gateway run from this directory wins.
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("outbox.db"), "").unwrap();
+    assert_eq!(data_dir_from(&config, None, dirs), local);
+    // Under systemd, and a file that names its directory, no guessing.
+    let state = OsStr::new("/var/lib/elsewhere");
+    assert_eq!(
+        data_dir_from(&config, Some(state), dirs),
+        PathBuf::from("/var/lib/elsewhere")
+    );
+    let named = dir.path().join("named.toml");
+    std::fs::write(
+        &named,
+        "[gateway]\nid = \"gw-9\"\ndata_dir = \"/srv/bh\"\n[cloud]\nurl = \"mqtt://127.0.0.1\"\n",
+    )
+    .unwrap();
+    assert_eq!(
+        data_dir_from(&named, Some(state), dirs),
+        PathBuf::from("/srv/bh")
+    );
+}

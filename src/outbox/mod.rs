@@ -15,7 +15,7 @@
 //! 1970, NTP stepping) never expires a backlog.
 
 pub mod dead_letters;
-mod store;
+pub(crate) mod store;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::ops::RangeInclusive;

@@ -21,15 +21,24 @@ struct Node {
     here: Vec<(Arc<str>, u8)>,
 }
 
+/// Filters deeper than this are not kept: matching walks the tree recursively, and a
+/// device must not be able to make that walk (or the tree's drop) deep enough to
+/// overflow a stack. MQTT gives a topic up to 32k levels; no real one needs 128.
+pub const MAX_LEVELS: usize = 128;
+
 impl FilterTree {
-    pub fn insert(&mut self, filter: &str, session: Arc<str>, qos: u8) {
+    /// False (and nothing kept) for a filter of more than [`MAX_LEVELS`] levels.
+    pub fn insert(&mut self, filter: &str, session: Arc<str>, qos: u8) -> bool {
+        if filter.split('/').nth(MAX_LEVELS).is_some() {
+            return false;
+        }
         let mut node = &mut self.root;
         let mut levels = filter.split('/').peekable();
         while let Some(level) = levels.next() {
             if level == "#" && levels.peek().is_none() {
                 node.hash.push((session, qos));
                 self.len += 1;
-                return;
+                return true;
             }
             node = match level {
                 "+" => node.plus.get_or_insert_with(Box::default),
@@ -38,6 +47,7 @@ impl FilterTree {
         }
         node.here.push((session, qos));
         self.len += 1;
+        true
     }
 
     pub fn is_empty(&self) -> bool {
@@ -104,5 +114,19 @@ mod tests {
         assert_eq!(sessions(&tree, "b"), [("s3".into(), 1)]);
         assert_eq!(sessions(&tree, "$SYS/x"), [("s4".into(), 1)]);
         assert!(sessions(&FilterTree::default(), "a").is_empty());
+    }
+
+    #[test]
+    fn a_filter_too_deep_to_walk_is_not_kept() {
+        let mut tree = FilterTree::default();
+        let deep = vec!["+"; 30_000].join("/");
+        assert!(!tree.insert(&deep, "s1".into(), 1));
+        assert!(tree.is_empty());
+        let topic = vec!["a"; 30_000].join("/");
+        assert!(sessions(&tree, &topic).is_empty());
+        let deepest = vec!["+"; MAX_LEVELS].join("/");
+        assert!(tree.insert(&deepest, "s1".into(), 1));
+        let topic = vec!["a"; MAX_LEVELS].join("/");
+        assert_eq!(sessions(&tree, &topic), [("s1".into(), 1)]);
     }
 }

@@ -88,6 +88,7 @@ impl HookFactory for Hooks {
             releasing: HashSet::new(),
             waiting: VecDeque::new(),
             rules: None,
+            rules_of: 0,
             next_id: *OWN_IDS.start(),
             window,
             disconnected: false,
@@ -97,6 +98,9 @@ impl HookFactory for Hooks {
 }
 
 /// A QoS 1/2 delivery of rumqttd, until the device acknowledged it.
+/// SUBSCRIBEs of one connection awaiting rumqttd's SUBACK that are followed.
+const MAX_SUBSCRIBING: usize = 64;
+
 #[derive(Debug)]
 struct Outstanding {
     packet_id: u16,
@@ -128,8 +132,10 @@ struct Tracker {
     releasing: HashSet<u16>,
     /// Messages of an earlier run not sent yet.
     waiting: VecDeque<Replay>,
-    /// The device's read rules, compiled when replays start (None: no ACL file).
+    /// The device's read rules (None: no ACL file), compiled when first needed, and again
+    /// when a reload changed the policy (`rules_of`: the policy they come from).
     rules: Option<Option<ClientRules>>,
+    rules_of: usize,
     next_id: u16,
     window: usize,
     disconnected: bool,
@@ -313,14 +319,26 @@ impl Tracker {
         }
         drop(book);
         debug!(client_id = %self.client, messages = self.waiting.len(), "delivering messages queued before the restart");
-        let policy = self.policy.load();
-        self.rules = Some(
-            policy
-                .acl
-                .as_ref()
-                .map(|acl| acl.rules_for(self.conn.username.as_deref(), &self.conn.client_id)),
-        );
         self.send_waiting(replies);
+    }
+
+    /// Whether the ACL in force lets the device read `topic`.
+    fn readable(&mut self, topic: &str) -> bool {
+        let policy = self.policy.load();
+        let of = Arc::as_ptr(&*policy) as usize;
+        if self.rules.is_none() || self.rules_of != of {
+            self.rules = Some(
+                policy
+                    .acl
+                    .as_ref()
+                    .map(|acl| acl.rules_for(self.conn.username.as_deref(), &self.conn.client_id)),
+            );
+            self.rules_of = of;
+        }
+        match &self.rules {
+            Some(Some(rules)) => rules.topic_allowed(topic, Access::Read),
+            _ => true,
+        }
     }
 
     fn send_waiting(&mut self, replies: &mut Replies) {
@@ -328,11 +346,7 @@ impl Tracker {
             let Some(replay) = self.waiting.pop_front() else {
                 return;
             };
-            let readable = match &self.rules {
-                Some(Some(rules)) => rules.topic_allowed(&replay.topic, Access::Read),
-                _ => true,
-            };
-            if !readable {
+            if !self.readable(&replay.topic) {
                 inc(&self.shared.health.counters.acl_withheld);
                 self.replayed(replay.id);
                 continue;
@@ -378,6 +392,13 @@ impl Tracker {
         };
         if self.too_large(encoded_len(publish, self.protocol())) {
             inc(&self.shared.health.counters.withheld_oversize);
+            if self.persistent {
+                // Never deliverable to this device: not kept for it either.
+                self.shared.send(Event::Delivered {
+                    client: self.client.clone(),
+                    key: key(publish.topic, publish.payload),
+                });
+            }
             self.take_over(packet_id, publish.qos, replies);
             return Verdict::Drop;
         }
@@ -385,6 +406,16 @@ impl Tracker {
             self.retained_at_own_qos(publish, Some(packet_id), replies)
         {
             return verdict;
+        }
+        // The ACL gate, nearer the device, withholds what the device may not read and
+        // acknowledges it to rumqttd itself: the device never will, so the message is not
+        // kept for it (nor waits in `outstanding`).
+        if self.persistent && !self.readable(publish.topic) {
+            self.shared.send(Event::Delivered {
+                client: self.client.clone(),
+                key: key(publish.topic, publish.payload),
+            });
+            return Verdict::Pass;
         }
         self.outstanding.push_back(Outstanding {
             packet_id,
@@ -505,7 +536,13 @@ impl Hook for Tracker {
                     .iter()
                     .map(|(f, o)| ((*f).to_owned(), *o))
                     .collect();
-                self.subscribing.insert(subscribe.packet_id, filters);
+                // Until rumqttd's SUBACK; a device with more SUBSCRIBEs outstanding than
+                // this is not kept (the SUBACKs come back in order and promptly).
+                if self.subscribing.len() < MAX_SUBSCRIBING {
+                    self.subscribing.insert(subscribe.packet_id, filters);
+                } else {
+                    self.shared.overrun();
+                }
                 Verdict::Pass
             }
             Packet::Unsubscribe(unsubscribe) if self.persistent => {
@@ -739,5 +776,58 @@ mod tests {
             .query_row("SELECT count(*) FROM queued", [], |r| r.get(0))
             .unwrap();
         assert_eq!(queued, 0);
+    }
+
+    #[tokio::test]
+    async fn a_session_ended_and_begun_again_before_a_commit_drops_the_old_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (state, _) = open(dir.path());
+            let mut r = Replies::default();
+            let mut fan = chain(&state, "fan", false);
+            let subscribe = Subscribe {
+                packet_id: 1,
+                properties: &[],
+                filters: vec![("fan/cmd", 1)],
+            };
+            let bytes = subscribe.encode(Protocol::V311, &subscribe.filters);
+            run(&mut fan, Direction::FromDevice, &bytes, &mut r);
+            let suback = SubAck::encode(Protocol::V311, 1, &[], &[1]);
+            run(&mut fan, Direction::FromBroker, &suback, &mut r);
+            fan.closed();
+            state.flush().await;
+            let mut cloud = chain(&state, "cloud", true);
+            let command = publish("fan/cmd", 1, false, 9, b"OLD");
+            run(&mut cloud, Direction::FromDevice, &command, &mut r);
+            state.flush().await;
+            assert_eq!(
+                queued(dir.path()),
+                1,
+                "the command is kept for the offline fan"
+            );
+            // Clean session, then a persistent one again, within one commit interval.
+            let mut clean = chain(&state, "fan", true);
+            clean.closed();
+            let mut again = chain(&state, "fan", false);
+            again.closed();
+            state.flush().await;
+        }
+        let (_state, restore) = open(dir.path());
+        assert_eq!(restore.sessions.len(), 1, "the new session is kept");
+        assert!(
+            restore.sessions[0].filters.is_empty(),
+            "the old session's subscriptions are gone"
+        );
+        assert_eq!(
+            queued(dir.path()),
+            0,
+            "the old session's queued command would be replayed"
+        );
+    }
+
+    fn queued(dir: &std::path::Path) -> i64 {
+        let db = rusqlite::Connection::open(dir.join("state.db")).unwrap();
+        db.query_row("SELECT count(*) FROM queued", [], |r| r.get(0))
+            .unwrap()
     }
 }

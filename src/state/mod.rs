@@ -50,6 +50,11 @@ use store::{Batch, Store, StoredMessage};
 const EVENT_QUEUE: usize = 65_536;
 /// Stored persistent sessions at most; more are not kept (and counted).
 const MAX_SESSIONS: usize = 100_000;
+/// Subscriptions kept per persistent session (`local.max_subscriptions` caps each
+/// connection, by default at 1000; a session collects them across connections).
+const MAX_SESSION_FILTERS: usize = 10_000;
+/// Bytes of topic and payload the owner may have waiting in `Published` events.
+const EVENT_BYTES: u64 = 64 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -107,23 +112,34 @@ pub(crate) struct Shared {
     /// Messages of earlier runs by client id, until their device acknowledges them.
     replays: Mutex<HashMap<Arc<str>, VecDeque<Replay>>>,
     next_conn: AtomicU64,
+    /// Bytes of the `Published` events the owner has waiting (bounded by [`EVENT_BYTES`]).
+    pending_bytes: AtomicU64,
     health: SharedHealth,
     overrun_log: Mutex<RateLimit>,
 }
 
 impl Shared {
     fn send(&self, event: Event) {
-        if self.events.try_send(event).is_err() {
-            inc(&self.health.counters.state_errors);
-            let held = self
-                .overrun_log
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .check();
-            if let Some(held) = held {
-                warn!(earlier_warnings_suppressed = held,
-                    "the state's owner is behind: a retained message or session change is not kept across a restart");
+        if let Err(refused) = self.events.try_send(event) {
+            if let Event::Published { topic, payload, .. } = refused.into_inner() {
+                let size = (topic.len() + payload.len()) as u64;
+                self.pending_bytes.fetch_sub(size, Ordering::Relaxed);
             }
+            self.overrun();
+        }
+    }
+
+    /// The owner is behind: what could not be handed to it is counted and logged.
+    fn overrun(&self) {
+        inc(&self.health.counters.state_errors);
+        let held = self
+            .overrun_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check();
+        if let Some(held) = held {
+            warn!(earlier_warnings_suppressed = held,
+                "the state's owner is behind: a retained message or session change is not kept across a restart");
         }
     }
 
@@ -155,6 +171,13 @@ impl Shared {
                 true => map.remove(topic),
                 false => map.insert(topic.to_owned(), qos),
             };
+        }
+        // Bounded in bytes too: 65,536 events of large payloads would be gigabytes.
+        let size = (topic.len() + payload.len()) as u64;
+        if self.pending_bytes.fetch_add(size, Ordering::Relaxed) + size > EVENT_BYTES {
+            self.pending_bytes.fetch_sub(size, Ordering::Relaxed);
+            self.overrun();
+            return;
         }
         self.send(Event::Published {
             topic: topic.into(),
@@ -238,10 +261,16 @@ impl State {
         health: SharedHealth,
     ) -> Result<(State, Restore, std::thread::JoinHandle<()>), StateError> {
         let path = data_dir.join("state.db");
-        let (store, loaded) = Store::open(&path, fsync).map_err(|error| StateError::Open {
-            path: path.display().to_string(),
-            error,
-        })?;
+        let (store, loaded, aside) =
+            Store::open(&path, fsync).map_err(|error| StateError::Open {
+                path: path.display().to_string(),
+                error,
+            })?;
+        if let Some(aside) = aside {
+            inc(&health.counters.state_errors);
+            error!(path = %path.display(), aside = %aside.display(),
+                "state.db was damaged; moved aside, starting without the retained messages and sessions it held");
+        }
         let (tx, rx) = flume::bounded(EVENT_QUEUE);
         let shared = Arc::new(Shared {
             events: tx,
@@ -249,6 +278,7 @@ impl State {
             retained_qos: Mutex::new(HashMap::new()),
             replays: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(1),
+            pending_bytes: AtomicU64::new(0),
             health,
             overrun_log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
         });
@@ -549,7 +579,23 @@ impl Owner {
             }
             Event::Subscribed { client, filters } => {
                 if let Some(session) = self.sessions.get_mut(&client) {
-                    session.filters.extend(filters);
+                    // The front door caps filters per connection; a session lives across
+                    // connections, so it is capped here too.
+                    let mut refused = 0u64;
+                    for (filter, options) in filters {
+                        if session.filters.len() < MAX_SESSION_FILTERS
+                            || session.filters.contains_key(&filter)
+                        {
+                            session.filters.insert(filter, options);
+                        } else {
+                            refused += 1;
+                        }
+                    }
+                    if refused > 0 {
+                        add(&self.shared.health.counters.state_errors, refused);
+                        warn!(client_id = %client, filters = refused, max = MAX_SESSION_FILTERS,
+                            "a persistent session has too many subscriptions; these are not kept across a restart");
+                    }
                     self.session_changed(client);
                 }
             }
@@ -568,6 +614,8 @@ impl Owner {
                 retain,
                 targets,
             } => {
+                let size = (topic.len() + payload.len()) as u64;
+                self.shared.pending_bytes.fetch_sub(size, Ordering::Relaxed);
                 if retain {
                     self.retain(topic.clone(), qos, &payload);
                 }
@@ -656,7 +704,8 @@ impl Owner {
     }
 
     fn session_changed(&mut self, client: Arc<str>) {
-        self.sessions_deleted.remove(&client);
+        // A session ended and begun again before a commit stays in `sessions_deleted`: the
+        // commit deletes the old one's rows (its queued messages too) before writing the new.
         self.sessions_dirty.insert(client);
         self.tree_dirty = true;
         self.dirty_since.get_or_insert_with(Instant::now);
@@ -891,9 +940,34 @@ impl Owner {
             }
             Err(e) => {
                 inc(&self.health().counters.state_errors);
-                error!(error = %e, "writing state.db failed; retained messages and sessions of the last moments may be lost in a restart");
+                error!(error = %e, retry_in = ?interval,
+                    "writing state.db failed; what it held stays in memory and is written with the next commit (a restart before that forgets it)");
+                self.retry(batch, written);
             }
         }
+    }
+
+    /// Puts back what a failed commit held, so that the next commit writes it: nothing a
+    /// failed write held is forgotten (an acknowledged message's delete above all, or it
+    /// would be replayed after a restart).
+    fn retry(&mut self, batch: Batch, written: Vec<(Arc<str>, i64)>) {
+        let now = Instant::now();
+        let topics = batch.retained_put.into_iter().map(|(topic, _, _)| topic);
+        self.retained_dirty
+            .extend(topics.chain(batch.retained_delete).map(Arc::from));
+        self.sessions_deleted
+            .extend(batch.sessions_delete.into_iter().map(Arc::from));
+        self.sessions_dirty.extend(
+            batch
+                .sessions_put
+                .into_iter()
+                .map(|s| Arc::from(s.client_id)),
+        );
+        for (client, id) in written.into_iter().rev() {
+            self.unwritten.push_front((now, client, id));
+        }
+        self.deletes.extend(batch.queued_delete);
+        self.dirty_since = Some(self.dirty_since.map_or(now, |t| t.min(now)));
     }
 
     fn rebuild_tree(&mut self) {
@@ -902,15 +976,24 @@ impl Owner {
         }
         self.tree_dirty = false;
         let mut tree = FilterTree::default();
+        let mut too_deep = 0u64;
         for (client, session) in &self.sessions {
             for (filter, options) in &session.filters {
                 let qos = options & 0x03;
-                if qos > 0 && !filter.starts_with("$share/") {
-                    tree.insert(filter, client.clone(), qos);
+                if qos > 0
+                    && !filter.starts_with("$share/")
+                    && !tree.insert(filter, client.clone(), qos)
+                {
+                    too_deep += 1;
                 }
             }
         }
         self.shared.filters.store(Arc::new(tree));
+        if too_deep > 0 {
+            add(&self.shared.health.counters.state_errors, too_deep);
+            warn!(filters = too_deep, max_levels = filters::MAX_LEVELS,
+                "subscriptions of persistent sessions deeper than this are not kept across a restart");
+        }
     }
 
     fn queued_count(&self) -> u64 {

@@ -36,28 +36,10 @@ pub async fn run(
     backends: Backends,
     side_door: &SideDoor,
 ) -> Result<(), RestoreError> {
-    let link_error = |e: rumqttd::local::LinkError| RestoreError::Link(e.to_string());
-    if !restore.retained.is_empty() {
-        // A link's publish on a topic no subscription covers makes rumqttd drop the link.
-        link.tx.subscribe("#").map_err(link_error)?;
-        for chunk in restore.retained.chunks(WINDOW) {
-            for (i, (topic, _, payload)) in chunk.iter().enumerate() {
-                link.publish(topic, payload.clone(), true, Some(i as u16 + 1))
-                    .await
-                    .map_err(link_error)?;
-            }
-            let mut acked = 0;
-            while acked < chunk.len() {
-                let next = tokio::time::timeout(ACK_TIMEOUT, link.next())
-                    .await
-                    .map_err(|_| RestoreError::Timeout)?
-                    .map_err(link_error)?;
-                if let Some(RouterPacket::PubAck(..)) = next.and_then(Option::from) {
-                    acked += 1;
-                }
-            }
-        }
-        link.tx.unsubscribe("#").map_err(link_error)?;
+    // A failure here must not keep the sessions from coming back.
+    if let Err(e) = retained(&restore, link).await {
+        inc(&state.shared.health.counters.state_errors);
+        warn!(error = %e, "the retained messages of the last run could not all be given back to the embedded broker");
     }
     let mut restored = 0;
     for session in &restore.sessions {
@@ -89,5 +71,35 @@ pub async fn run(
         sessions = restored,
         "retained messages and persistent sessions given back to the embedded broker"
     );
+    Ok(())
+}
+
+/// Publishes the retained messages of `restore` into rumqttd, a window at a time, and
+/// waits for each window's acknowledgements.
+async fn retained(restore: &Restore, link: &mut Link) -> Result<(), RestoreError> {
+    if restore.retained.is_empty() {
+        return Ok(());
+    }
+    let link_error = |e: rumqttd::local::LinkError| RestoreError::Link(e.to_string());
+    // A link's publish on a topic no subscription covers makes rumqttd drop the link.
+    link.tx.subscribe("#").map_err(link_error)?;
+    for chunk in restore.retained.chunks(WINDOW) {
+        for (i, (topic, _, payload)) in chunk.iter().enumerate() {
+            link.publish(topic, payload.clone(), true, Some(i as u16 + 1))
+                .await
+                .map_err(link_error)?;
+        }
+        let mut acked = 0;
+        while acked < chunk.len() {
+            let next = tokio::time::timeout(ACK_TIMEOUT, link.next())
+                .await
+                .map_err(|_| RestoreError::Timeout)?
+                .map_err(link_error)?;
+            if let Some(RouterPacket::PubAck(..)) = next.and_then(Option::from) {
+                acked += 1;
+            }
+        }
+    }
+    link.tx.unsubscribe("#").map_err(link_error)?;
     Ok(())
 }

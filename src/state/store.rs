@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rusqlite::{params, Connection};
-use tracing::warn;
+use tracing::error;
 
 use crate::broker::packet::Protocol;
 
@@ -64,20 +64,20 @@ impl Batch {
 }
 
 impl Store {
-    /// Opens (or creates) the file; a file that cannot be read is moved aside, logged, and
-    /// the gateway starts with an empty state rather than not at all.
-    pub fn open(path: &Path, fsync: bool) -> rusqlite::Result<(Store, Loaded)> {
+    /// Opens (or creates) the file. A damaged file (not a database, corrupt, rows that do
+    /// not decode) is moved aside to `state.db.damaged-<unix seconds>` and the gateway
+    /// starts with an empty state rather than not at all; returns where it went. Any other
+    /// error (permissions, a full disk) is returned: the file may be fine.
+    pub fn open(path: &Path, fsync: bool) -> rusqlite::Result<(Store, Loaded, Option<PathBuf>)> {
         match Self::try_open(path, fsync) {
-            Ok(opened) => Ok(opened),
-            Err(e) if path.exists() => {
-                let aside = PathBuf::from(format!("{}.damaged", path.display()));
-                warn!(path = %path.display(), error = %e, aside = %aside.display(),
-                    "state.db cannot be read; moved aside, starting without the retained messages and sessions it held");
-                let _ = std::fs::rename(path, &aside);
-                for suffix in ["-wal", "-shm"] {
-                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
-                }
-                Self::try_open(path, fsync)
+            Ok((store, loaded)) => Ok((store, loaded, None)),
+            Err(e) if path.exists() && is_damaged(&e) => {
+                let aside = crate::outbox::store::move_aside(path).map_err(|io| {
+                    error!(path = %path.display(), error = %io, "state.db is damaged and cannot be moved aside");
+                    e
+                })?;
+                let (store, loaded) = Self::try_open(path, fsync)?;
+                Ok((store, loaded, Some(aside)))
             }
             Err(e) => Err(e),
         }
@@ -209,4 +209,15 @@ fn load(db: &Connection) -> rusqlite::Result<Loaded> {
         sessions,
         queued,
     })
+}
+
+/// A file that is not a database or is corrupt, or rows that do not decode.
+fn is_damaged(e: &rusqlite::Error) -> bool {
+    crate::outbox::store::is_damage(e)
+        || matches!(
+            e,
+            rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+        )
 }
