@@ -318,7 +318,8 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     })
     .await;
     if finished.is_err() {
-        warn!("shutdown took longer than {SHUTDOWN_BUDGET:?}; exiting anyway");
+        warn!(still_running = ?supervisor.running(),
+            "shutdown took longer than {SHUTDOWN_BUDGET:?}; exiting anyway");
     }
     match fatal {
         Some(e) => {

@@ -46,6 +46,8 @@ pub struct Supervisor {
     retired: HashSet<Id>,
     /// Unexpected ends noticed while waiting for a retired task.
     pending: Vec<Ended>,
+    /// Tasks reaped at shutdown while waiting for another one.
+    finished: HashSet<Id>,
     liveness: Arc<Liveness>,
 }
 
@@ -56,6 +58,7 @@ impl Supervisor {
             names: HashMap::new(),
             retired: HashSet::new(),
             pending: Vec::new(),
+            finished: HashSet::new(),
             liveness,
         }
     }
@@ -113,14 +116,20 @@ impl Supervisor {
     }
 
     /// At shutdown: waits for one task to finish (others that finish meanwhile are reaped).
+    /// A task that ended while another was waited for counts as joined: waiting for it
+    /// again would wait for a task that is gone.
     pub async fn join(&mut self, task: &Task) {
         self.retired.insert(task.id());
+        if self.finished.contains(&task.id()) {
+            return;
+        }
         while let Some(joined) = self.set.join_next_with_id().await {
             let id = match &joined {
                 Ok((id, ())) => *id,
                 Err(e) => e.id(),
             };
             self.names.remove(&id);
+            self.finished.insert(id);
             if id == task.id() {
                 return;
             }
@@ -129,7 +138,20 @@ impl Supervisor {
 
     /// At shutdown: waits for every task to finish.
     pub async fn join_all(&mut self) {
-        while self.set.join_next().await.is_some() {}
+        while let Some(joined) = self.set.join_next_with_id().await {
+            let id = match &joined {
+                Ok((id, ())) => *id,
+                Err(e) => e.id(),
+            };
+            self.names.remove(&id);
+        }
+    }
+
+    /// The tasks that have not ended (at shutdown: those holding it up).
+    pub fn running(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.names.values().cloned().collect();
+        names.sort();
+        names
     }
 
     fn ended(&mut self, joined: Result<(Id, ()), tokio::task::JoinError>) -> Option<Ended> {
@@ -315,6 +337,27 @@ mod tests {
             ended.to_string(),
             "the intake task stopped while the gateway was running"
         );
+    }
+
+    #[tokio::test]
+    async fn joining_a_task_that_ended_while_another_was_awaited_returns_at_once() {
+        let mut supervisor = Supervisor::new(Arc::default());
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let first = supervisor.spawn("intake", async {
+            let _ = wait.await;
+        });
+        let second = supervisor.spawn("uplink", async {});
+        let _held = supervisor.spawn("outbox", std::future::pending());
+        tokio::task::yield_now().await;
+        let _ = go.send(());
+        // "uplink" ends first and is reaped while "intake" is awaited.
+        tokio::time::timeout(Duration::from_secs(2), async {
+            supervisor.join(&first).await;
+            supervisor.join(&second).await;
+        })
+        .await
+        .expect("join waited for a task that had already ended");
+        assert_eq!(supervisor.running(), ["outbox"]);
     }
 
     #[tokio::test]
