@@ -663,6 +663,23 @@ mod tests {
         chain.run(d, frame, r).unwrap()
     }
 
+    /// The fan, on a persistent session, subscribes to `fan/cmd` at QoS 1 and goes offline;
+    /// returns once the state's owner has it (its filters are in the tree).
+    async fn fan_subscribes_and_leaves(state: &State, r: &mut Replies) {
+        let mut fan = chain(state, "fan", false);
+        let subscribe = Subscribe {
+            packet_id: 1,
+            properties: &[],
+            filters: vec![("fan/cmd", 1)],
+        };
+        let bytes = subscribe.encode(Protocol::V311, &subscribe.filters);
+        run(&mut fan, Direction::FromDevice, &bytes, r);
+        let suback = SubAck::encode(Protocol::V311, 1, &[], &[1]);
+        run(&mut fan, Direction::FromBroker, &suback, r);
+        fan.closed();
+        state.flush().await;
+    }
+
     use std::time::Duration;
 
     #[tokio::test]
@@ -715,19 +732,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         {
             let (state, _) = open(dir.path());
-            let mut fan = chain(&state, "fan", false);
             let mut r = Replies::default();
-            let subscribe = Subscribe {
-                packet_id: 1,
-                properties: &[],
-                filters: vec![("fan/cmd", 1)],
-            };
-            let bytes = subscribe.encode(Protocol::V311, &subscribe.filters);
-            run(&mut fan, Direction::FromDevice, &bytes, &mut r);
-            let suback = SubAck::encode(Protocol::V311, 1, &[], &[1]);
-            run(&mut fan, Direction::FromBroker, &suback, &mut r);
-            fan.closed();
-            state.flush().await;
+            fan_subscribes_and_leaves(&state, &mut r).await;
             let mut cloud = chain(&state, "cloud", true);
             run(
                 &mut cloud,
@@ -784,18 +790,7 @@ mod tests {
         {
             let (state, _) = open(dir.path());
             let mut r = Replies::default();
-            let mut fan = chain(&state, "fan", false);
-            let subscribe = Subscribe {
-                packet_id: 1,
-                properties: &[],
-                filters: vec![("fan/cmd", 1)],
-            };
-            let bytes = subscribe.encode(Protocol::V311, &subscribe.filters);
-            run(&mut fan, Direction::FromDevice, &bytes, &mut r);
-            let suback = SubAck::encode(Protocol::V311, 1, &[], &[1]);
-            run(&mut fan, Direction::FromBroker, &suback, &mut r);
-            fan.closed();
-            state.flush().await;
+            fan_subscribes_and_leaves(&state, &mut r).await;
             let mut cloud = chain(&state, "cloud", true);
             let command = publish("fan/cmd", 1, false, 9, b"OLD");
             run(&mut cloud, Direction::FromDevice, &command, &mut r);
