@@ -376,6 +376,14 @@ impl Tracker {
         }
     }
 
+    /// A delivery this device will never acknowledge: the state stops keeping it for it.
+    fn forget(&self, publish: &Publish<'_>) {
+        self.shared.send(Event::Delivered {
+            client: self.client.clone(),
+            key: key(publish.topic, publish.payload),
+        });
+    }
+
     fn too_large(&self, size: usize) -> bool {
         self.conn
             .maximum_packet_size
@@ -394,10 +402,7 @@ impl Tracker {
             inc(&self.shared.health.counters.withheld_oversize);
             if self.persistent {
                 // Never deliverable to this device: not kept for it either.
-                self.shared.send(Event::Delivered {
-                    client: self.client.clone(),
-                    key: key(publish.topic, publish.payload),
-                });
+                self.forget(publish);
             }
             self.take_over(packet_id, publish.qos, replies);
             return Verdict::Drop;
@@ -411,10 +416,7 @@ impl Tracker {
         // acknowledges it to rumqttd itself: the device never will, so the message is not
         // kept for it (nor waits in `outstanding`).
         if self.persistent && !self.readable(publish.topic) {
-            self.shared.send(Event::Delivered {
-                client: self.client.clone(),
-                key: key(publish.topic, publish.payload),
-            });
+            self.forget(publish);
             return Verdict::Pass;
         }
         self.outstanding.push_back(Outstanding {

@@ -122,7 +122,7 @@ impl Shared {
     fn send(&self, event: Event) {
         if let Err(refused) = self.events.try_send(event) {
             if let Event::Published { topic, payload, .. } = refused.into_inner() {
-                let size = (topic.len() + payload.len()) as u64;
+                let size = weight(&topic, &payload);
                 self.pending_bytes.fetch_sub(size, Ordering::Relaxed);
             }
             self.overrun();
@@ -173,7 +173,7 @@ impl Shared {
             };
         }
         // Bounded in bytes too: 65,536 events of large payloads would be gigabytes.
-        let size = (topic.len() + payload.len()) as u64;
+        let size = weight(topic, payload);
         if self.pending_bytes.fetch_add(size, Ordering::Relaxed) + size > EVENT_BYTES {
             self.pending_bytes.fetch_sub(size, Ordering::Relaxed);
             self.overrun();
@@ -239,6 +239,12 @@ enum Event {
 pub struct Restore {
     pub retained: Vec<(String, u8, Bytes)>,
     pub sessions: Vec<StoredSession>,
+}
+
+/// Bytes of topic and payload: what the bounds on retained messages and on the owner's
+/// waiting events count.
+fn weight(topic: &str, payload: &[u8]) -> u64 {
+    (topic.len() + payload.len()) as u64
 }
 
 /// A message's identity for matching rumqttd's deliveries to what was recorded.
@@ -443,7 +449,7 @@ impl Owner {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             for (topic, q, payload) in loaded.retained {
-                self.retained_bytes += (topic.len() + payload.len()) as u64;
+                self.retained_bytes += weight(&topic, &payload);
                 qos.insert(topic.clone(), q);
                 restore.retained.push((topic.clone(), q, payload.clone()));
                 self.retained.insert(topic.into(), (q, payload));
@@ -614,7 +620,7 @@ impl Owner {
                 retain,
                 targets,
             } => {
-                let size = (topic.len() + payload.len()) as u64;
+                let size = weight(&topic, &payload);
                 self.shared.pending_bytes.fetch_sub(size, Ordering::Relaxed);
                 if retain {
                     self.retain(topic.clone(), qos, &payload);
@@ -722,7 +728,7 @@ impl Owner {
         if payload.is_empty() {
             return;
         }
-        let size = (topic.len() + payload.len()) as u64;
+        let size = weight(&topic, payload);
         if self.retained_bytes + size > self.limits.max_retained_size {
             inc(&self.health().counters.retained_dropped);
             if let Some(held) = self.drop_log.check() {
