@@ -250,8 +250,11 @@ pub struct LocalConfig {
 pub struct Persistence {
     /// Bytes of topic plus payload of the retained messages kept.
     pub max_retained_size: u64,
-    /// QoS 1/2 messages kept per persistent session for its device (the oldest go first).
+    /// Messages queued per session beyond those in flight (QoS 0 dropped first, then the
+    /// oldest); for a persistent session also what `state.db` keeps.
     pub max_queued_messages: usize,
+    /// Bytes of topic plus payload queued per session.
+    pub max_queued_bytes: usize,
 }
 
 /// Who may connect to the local broker and what they may do.

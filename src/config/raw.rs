@@ -51,6 +51,7 @@ pub struct RawLocal {
     pub use_identity_as_username: Option<bool>,
     pub max_retained_size: Option<Value>,
     pub max_queued_messages: Option<i64>,
+    pub max_queued_bytes: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

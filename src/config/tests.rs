@@ -58,6 +58,7 @@ fn a_minimal_file_gets_every_default() {
             persistence: Persistence {
                 max_retained_size: 16 << 20,
                 max_queued_messages: 1000,
+                max_queued_bytes: 8 << 20,
             },
         },
         cloud: CloudConfig {

@@ -270,6 +270,12 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
                 defaults::MAX_QUEUED_MESSAGES,
                 0..=1_000_000,
             ),
+            max_queued_bytes: s.size(
+                "max_queued_bytes",
+                &raw.max_queued_bytes,
+                defaults::MAX_QUEUED_BYTES,
+                1024..=u64::MAX,
+            ),
         },
     }
 }
