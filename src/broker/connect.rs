@@ -342,22 +342,28 @@ async fn open<W: AsyncWrite + Unpin>(
     let conn_id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let settings = broker.settings.load_full();
     let mut wake = Vec::new();
-    let opened = broker.lock().open(
-        Open {
-            client_id: client_id.clone(),
-            level: connect.level,
-            clean_start: connect.clean_start,
-            expiry,
-            will,
-            receive_max: connect.props.receive_maximum.unwrap_or(u16::MAX),
-            conn: ConnLink {
-                id: conn_id,
-                signal: signal.clone(),
+    // The will of a connection this one took over is in `published`.
+    let (opened, published) = {
+        let mut core = broker.lock();
+        let opened = core.open(
+            Open {
+                client_id: client_id.clone(),
+                level: connect.level,
+                clean_start: connect.clean_start,
+                expiry,
+                will,
+                receive_max: connect.props.receive_maximum.unwrap_or(u16::MAX),
+                conn: ConnLink {
+                    id: conn_id,
+                    signal: signal.clone(),
+                },
             },
-        },
-        &mut wake,
-    );
+            &mut wake,
+        );
+        (opened, std::mem::take(&mut core.published))
+    };
     wake_all(&mut wake);
+    broker.hand_over(published).await;
     let props = match v5 {
         true => Properties {
             receive_maximum: Some(settings.receive_max).filter(|m| *m < u16::MAX),
@@ -381,14 +387,19 @@ async fn open<W: AsyncWrite + Unpin>(
         .and_then(|r| r)
     {
         let mut wake = Vec::new();
-        broker.lock().close(
-            opened.key,
-            conn_id,
-            super::core::Ending::WithWill,
-            None,
-            &mut wake,
-        );
+        let published = {
+            let mut core = broker.lock();
+            core.close(
+                opened.key,
+                conn_id,
+                super::core::Ending::WithWill,
+                None,
+                &mut wake,
+            );
+            std::mem::take(&mut core.published)
+        };
         wake_all(&mut wake);
+        broker.hand_over(published).await;
         return Err(Refused::Io(e));
     }
     Ok(Accepted {

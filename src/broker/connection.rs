@@ -35,6 +35,8 @@ use crate::health::{add, inc};
 /// Bytes waiting to be written above which the connection stops taking more messages
 /// from its session's queue (they wait there, within its bounds).
 const OUT_HIGH_WATER: usize = 256 * 1024;
+/// Bytes waiting to be written above which the client's packets are not read.
+const OUT_READ_STOP: usize = 4 * OUT_HIGH_WATER;
 /// An emptied write buffer larger than this is freed.
 const OUT_KEEP: usize = 16 * 1024;
 /// Topic aliases the broker uses toward one client at most (its own maximum may be lower).
@@ -308,10 +310,13 @@ impl Connection {
                 return Close::Kicked(reason);
             }
             let keep_alive = self.keep_alive.map(|ka| self.last_packet + ka);
-            let room = self.out.len() - self.written < OUT_HIGH_WATER;
-            let pending = self.written < self.out.len();
+            let unwritten = self.out.len() - self.written;
+            let room = unwritten < OUT_HIGH_WATER;
+            let pending = unwritten > 0;
+            // A client that sends but does not read is not read either, past a bound.
+            let readable = unwritten < OUT_READ_STOP;
             tokio::select! {
-                read = read_into(reader, framer) => match read {
+                read = read_into(reader, framer), if readable => match read {
                     Ok(0) => return Close::Peer,
                     Ok(_) => {
                         self.last_packet = Instant::now();
@@ -931,15 +936,7 @@ impl Connection {
             std::mem::take(&mut core.published)
         };
         wake_all(&mut self.wake);
-        if !published.is_empty() {
-            let intake = self
-                .intake
-                .get_or_insert_with(|| Box::new(self.broker.intake.batch()));
-            for msg in &published {
-                intake.offer(msg);
-            }
-            let _ = intake.flush().await;
-        }
+        self.broker.hand_over(published).await;
         self.broker.ended(self.peer, &self.client_id, end);
     }
 }

@@ -359,9 +359,12 @@ impl Core {
     }
 
     fn retain(&mut self, msg: &Arc<Message>, now: Instant) {
+        // The gateway's metrics document is republished at start: rewriting it in state.db
+        // every metrics interval would be the one write of an idle gateway.
+        let kept = self.persist && msg.origin.kind != OriginKind::Gateway;
         match self.retained.set(msg, self.limits.max_retained_size) {
             Change::Stored | Change::Cleared => {
-                if self.persist {
+                if kept {
                     self.journal.retained.insert(msg.topic.clone());
                     self.journal_change(now);
                 }
@@ -369,7 +372,7 @@ impl Core {
             Change::Unchanged => {}
             Change::Refused => {
                 inc(&self.health.counters.retained_dropped);
-                if self.persist {
+                if kept {
                     self.journal.retained.insert(msg.topic.clone());
                     self.journal_change(now);
                 }

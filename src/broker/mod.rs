@@ -30,6 +30,11 @@ pub mod router;
 pub mod session;
 pub mod tls;
 
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod testing;
+
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -275,6 +280,20 @@ impl Shared {
     pub fn reconfigure(&self, settings: Settings, limits: Limits) {
         self.settings.store(Arc::new(settings));
         self.lock().limits = limits;
+    }
+
+    /// Offers what the core published itself (wills) to the intake.
+    pub async fn hand_over(&self, published: Vec<Arc<message::Message>>) {
+        if published.is_empty() {
+            return;
+        }
+        let mut batch = self.intake.batch();
+        for msg in &published {
+            batch.offer(msg);
+        }
+        if batch.flush().await.is_err() {
+            debug!(wills = published.len(), "the outbox has stopped: wills not forwarded");
+        }
     }
 
     /// A client of the gateway's own, for publishing and subscribing in process.
