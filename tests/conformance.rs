@@ -18,6 +18,11 @@
 //! - with `CONFORMANCE_BROKER=mosquitto`, a mosquitto 2.0 with its default settings plus one
 //!   anonymous listener on 127.0.0.1, the reference the suite is validated against.
 //!
+//! mosquitto 2.0.11 (Debian 12) fails the tests whose doc comment says "mosquitto 2.0.11
+//! deviates": each is a MUST (or, for retained messages on a Shared Subscription, a plain
+//! rule of the text) that it does not keep. Those tests accept only the specified
+//! behaviour, so that the gateway's broker is held to the specification, not to mosquitto.
+//!
 //! `cargo test --profile ci --test conformance -- --test-threads 1`
 
 mod support;
@@ -824,6 +829,51 @@ async fn mqtt_3_1_3_8_zero_length_client_id_persistent_v311() {
         .await;
 }
 
+/// A refused CONNECT followed at once (same write) by a retained PUBLISH: after the close,
+/// a new subscriber must find no retained message.
+async fn nothing_processed_after_refusal(version: u8, refused: Vec<u8>) {
+    let t = topic("afterrefusal");
+    let mut bytes = refused;
+    bytes.extend(
+        Publish::new(&t, b"must not be stored")
+            .retain()
+            .encode(version),
+    );
+    let mut c = Client::tcp(broker(), V5).await;
+    c.send(&bytes).await;
+    let before = c.expect_closed("a refused CONNECT").await;
+    for p in &before {
+        assert!(
+            matches!(p, Packet::Connack { code, .. } if *code != 0),
+            "after a refused CONNECT: {p:?}"
+        );
+    }
+    let mut late = subscriber(version, &t, 1).await;
+    late.expect_no_publish_on(&t, "a PUBLISH sent after a refused CONNECT was processed")
+        .await;
+    late.disconnect().await;
+}
+
+/// [MQTT-3.1.4-5] "If the Server rejects the CONNECT, it MUST NOT process any data sent by
+/// the Client after the CONNECT Packet." (Refused here with 0x02: a zero-byte ClientId with
+/// CleanSession 0.)
+#[tokio::test]
+async fn mqtt_3_1_4_5_nothing_processed_after_refused_connect_v311() {
+    let refused = Connect::new(V311, "").clean(false).encode();
+    nothing_processed_after_refusal(V311, refused).await;
+}
+
+/// [MQTT-3.1.4-6] (MQTT 5.0) "If the Server rejects the CONNECT, it MUST NOT process any
+/// data sent by the Client after the CONNECT packet except AUTH packets." (Refused here for
+/// an Authentication Method the broker does not have.)
+#[tokio::test]
+async fn mqtt_3_1_4_6_nothing_processed_after_refused_connect_v5() {
+    let refused = Connect::new(V5, &cid("refused"))
+        .prop(Prop::Str(prop::AUTHENTICATION_METHOD, "SCRAM-SHA-1".into()))
+        .encode();
+    nothing_processed_after_refusal(V5, refused).await;
+}
+
 /// [MQTT-3.2.2-16] (MQTT 5.0) "If the Client connects using a zero length Client Identifier,
 /// the Server MUST respond with a CONNACK containing an Assigned Client Identifier. The
 /// Assigned Client Identifier MUST be a new Client Identifier not used by any other Session
@@ -1014,18 +1064,18 @@ async fn keep_alive_zero(version: u8) {
         server_ka == 0 || server_ka >= 3,
         "Server Keep Alive {server_ka} for a client that asked for none"
     );
-    sleep(Duration::from_secs(2)).await;
+    sleep(Duration::from_millis(1600)).await;
     assert!(
         c.ping().await,
-        "a keep alive 0 connection was closed after 2 s of silence"
+        "a keep alive 0 connection was closed after 1.6 s of silence"
     );
     c.disconnect().await;
 }
 
 /// Section 3.1.2.10: "A Keep Alive value of zero (0) has the effect of turning off the keep
 /// alive mechanism. This means that, in this case, the Server is not required to disconnect
-/// the Client on the grounds of inactivity." Silent for 2 s (longer than 1.5 × any keep
-/// alive a broker could wrongly assume from a small value), the connection still works.
+/// the Client on the grounds of inactivity." Silent for 1.6 s (longer than 1.5 × 1 s, what
+/// a broker that took 0 for a small value would allow), the connection still works.
 #[tokio::test]
 async fn sec_3_1_2_10_keep_alive_zero_v311() {
     keep_alive_zero(V311).await;
@@ -1034,7 +1084,7 @@ async fn sec_3_1_2_10_keep_alive_zero_v311() {
 /// Section 3.1.2.10 (MQTT 5.0): "A Keep Alive value of 0 has the effect of turning off the
 /// Keep Alive mechanism. If Keep Alive is 0 the Client is not obliged to send MQTT Control
 /// Packets on any particular schedule." A Server Keep Alive, if the broker sends one, is
-/// honoured by this test's 2 s of silence only if it is at least 3 s.
+/// honoured by this test's 1.6 s of silence only if it is at least 3 s.
 #[tokio::test]
 async fn sec_3_1_2_10_keep_alive_zero_v5() {
     keep_alive_zero(V5).await;
@@ -1772,10 +1822,11 @@ async fn ordered(version: u8) {
     for i in 0..30u8 {
         c.publish(Publish::new(&t, &[i]).qos(qos_of(i), 0)).await;
     }
+    // Grouped by the QoS they were published at: the order holds per topic and QoS.
     let mut got = [Vec::new(), Vec::new()];
     for _ in 0..30 {
-        let p = sub.receive().await;
-        got[usize::from(p.qos - 1)].push(p.payload[0]);
+        let i = sub.receive().await.payload[0];
+        got[usize::from(qos_of(i) - 1)].push(i);
     }
     for qos in [1u8, 2] {
         let sent: Vec<u8> = (0..30u8).filter(|i| qos_of(*i) == qos).collect();
@@ -3509,7 +3560,7 @@ async fn mqtt_3_3_2_6_message_expiry_interval_decremented_v5() {
     let id = offline_subscriber(&t).await;
     let expiry = Prop::Four(prop::MESSAGE_EXPIRY_INTERVAL, 60);
     publish_once(V5, Publish::new(&t, b"waits").qos(1, 0).prop(expiry)).await;
-    sleep(Duration::from_millis(2100)).await;
+    sleep(Duration::from_millis(1100)).await;
     let (mut c, _) = persistent(V5, &id).await;
     let p = c.receive().await;
     let left = p
@@ -3517,8 +3568,8 @@ async fn mqtt_3_3_2_6_message_expiry_interval_decremented_v5() {
         .int(prop::MESSAGE_EXPIRY_INTERVAL)
         .expect("the Message Expiry Interval was dropped");
     assert!(
-        (55..=58).contains(&left),
-        "Message Expiry Interval {left} after waiting 2 s of 60"
+        (55..=59).contains(&left),
+        "Message Expiry Interval {left} after waiting 1.1 s of 60"
     );
     c.disconnect().await;
 }
