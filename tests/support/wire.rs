@@ -209,43 +209,10 @@ impl From<Vec<Prop>> for Props {
 }
 
 // ---------------------------------------------------------------------------------------
-// Byte helpers
+// Byte helpers: those of the bare client in `raw.rs` (strings and binary data with their
+// two-byte length, a packet from its first byte and body), and the Variable Byte Integer.
 
-/// A Variable Byte Integer (MQTT 3.1.1 2.2.3, MQTT 5.0 1.5.5).
-pub fn varint(mut value: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut byte = (value % 128) as u8;
-        value /= 128;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if value == 0 {
-            return out;
-        }
-    }
-}
-
-/// A UTF-8 string with its two-byte length.
-pub fn string(s: &str) -> Vec<u8> {
-    binary(s.as_bytes())
-}
-
-/// Binary data (or raw string bytes, valid or not) with its two-byte length.
-pub fn binary(bytes: &[u8]) -> Vec<u8> {
-    let mut out = (bytes.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(bytes);
-    out
-}
-
-/// A packet: the first byte of the fixed header, the Remaining Length, then `body`.
-pub fn with_header(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut packet = vec![first];
-    packet.extend(varint(body.len()));
-    packet.extend_from_slice(body);
-    packet
-}
+pub use super::raw::{binary, remaining_length as varint, string, with_header};
 
 // ---------------------------------------------------------------------------------------
 // Encoder
@@ -664,6 +631,18 @@ impl<'a> Reader<'a> {
         self.at >= self.bytes.len()
     }
 
+    /// An MQTT 5 Reason Code and properties, each of which may be left out at the end of a
+    /// packet (Reason Code 0x00, no properties).
+    fn reason_and_props(&mut self) -> Result<(u8, Props), String> {
+        let reason = if self.done() { 0 } else { self.u8()? };
+        let props = if self.done() {
+            Props::default()
+        } else {
+            self.props()?
+        };
+        Ok((reason, props))
+    }
+
     fn props(&mut self) -> Result<Props, String> {
         let len = self.varint()? as usize;
         let mut inner = Reader {
@@ -748,14 +727,8 @@ pub fn decode(version: u8, first: u8, body: &[u8]) -> Result<Packet, String> {
         kind @ 4..=7 => {
             fixed_flags(if kind == 6 { 2 } else { 0 })?;
             let id = r.u16()?;
-            let (reason, props) = if v5 && !r.done() {
-                let reason = r.u8()?;
-                let props = if r.done() {
-                    Props::default()
-                } else {
-                    r.props()?
-                };
-                (reason, props)
+            let (reason, props) = if v5 {
+                r.reason_and_props()?
             } else {
                 (0, Props::default())
             };
@@ -784,22 +757,12 @@ pub fn decode(version: u8, first: u8, body: &[u8]) -> Result<Packet, String> {
         }
         14 if v5 => {
             fixed_flags(0)?;
-            let reason = if r.done() { 0 } else { r.u8()? };
-            let props = if r.done() {
-                Props::default()
-            } else {
-                r.props()?
-            };
+            let (reason, props) = r.reason_and_props()?;
             Packet::Disconnect { reason, props }
         }
         15 if v5 => {
             fixed_flags(0)?;
-            let reason = if r.done() { 0 } else { r.u8()? };
-            let props = if r.done() {
-                Props::default()
-            } else {
-                r.props()?
-            };
+            let (reason, props) = r.reason_and_props()?;
             Packet::Auth { reason, props }
         }
         _ => {
