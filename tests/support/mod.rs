@@ -13,6 +13,7 @@ mod mqtt;
 mod mqtt5;
 mod proxy;
 pub mod raw;
+pub mod wire;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
