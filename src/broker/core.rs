@@ -13,8 +13,8 @@ use super::message::{Message, Origin, OriginKind, SubIds, Token};
 use super::retained::{Change, Retained};
 use super::router::{Filter, Matched, Router, Sub};
 use super::session::{
-    ConnLink, Enqueued, Queued, Row, RowState, Session, SessionKey, SessionKind, Sessions,
-    Signal, StoredWill, NEVER_EXPIRES,
+    ConnLink, Enqueued, Queued, Row, RowState, Session, SessionKey, SessionKind, Sessions, Signal,
+    StoredWill, NEVER_EXPIRES,
 };
 use crate::health::{add, inc, RateLimit, SharedHealth};
 
@@ -562,9 +562,7 @@ impl Core {
             qos: will.qos,
             retain: will.retain,
             props: will.props,
-            expires: will
-                .expiry
-                .map(|s| now + Duration::from_secs(u64::from(s))),
+            expires: will.expiry.map(|s| now + Duration::from_secs(u64::from(s))),
             origin: Origin {
                 kind: OriginKind::Device,
                 session: instance,
@@ -836,7 +834,13 @@ mod tests {
         let mut c = core();
         let (a, _) = open(&mut c, "a", true, 60);
         sub(&mut c, a.key, "t", 1);
-        c.close(a.key, open_id(&c, a.key), Ending::Normal, None, &mut Vec::new());
+        c.close(
+            a.key,
+            open_id(&c, a.key),
+            Ending::Normal,
+            None,
+            &mut Vec::new(),
+        );
         c.route(&message("t", 1, false), None, &mut Vec::new());
         c.route(&message("t", 0, false), None, &mut Vec::new());
         assert_eq!(c.sessions.get(a.key).unwrap().queue.len(), 1);
@@ -857,7 +861,10 @@ mod tests {
         let mut c = core();
         let (a, old) = open(&mut c, "a", false, 60);
         let (b, _) = open(&mut c, "a", false, 60);
-        assert_eq!(old.kicked(), Some(crate::broker::codec::reason::SESSION_TAKEN_OVER));
+        assert_eq!(
+            old.kicked(),
+            Some(crate::broker::codec::reason::SESSION_TAKEN_OVER)
+        );
         assert!(b.present);
         // The old connection's end does not touch the session now.
         c.close(a.key, 0, Ending::WithWill, None, &mut Vec::new());

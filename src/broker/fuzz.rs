@@ -18,7 +18,16 @@ use super::codec::{
 use super::testing::TestBroker;
 
 const TOPICS: [&str; 5] = ["a", "a/b", "a/b/c", "$SYS/x", "b"];
-const FILTERS: [&str; 8] = ["a", "a/+", "a/#", "#", "+/b", "$share/g/a/#", "$SYS/#", "a/#/b"];
+const FILTERS: [&str; 8] = [
+    "a",
+    "a/+",
+    "a/#",
+    "#",
+    "+/b",
+    "$share/g/a/#",
+    "$SYS/#",
+    "a/#/b",
+];
 
 #[derive(Debug, Clone)]
 enum Action {

@@ -117,13 +117,13 @@ async fn handshake(
         .map_err(|_| Refused::Timeout)?
         .map_err(Refused::Tls)?;
     let name = match tls.use_identity_as_username {
-        true => Some(super::tls::certificate_name(stream.get_ref().1).ok_or(
-            Refused::Login {
+        true => Some(
+            super::tls::certificate_name(stream.get_ref().1).ok_or(Refused::Login {
                 reason: "the client certificate has no common name",
                 user: None,
                 client_id: String::new(),
-            },
-        )?),
+            })?,
+        ),
         false => None,
     };
     Ok((stream, name))

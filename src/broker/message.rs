@@ -185,9 +185,6 @@ mod tests {
         assert_eq!(m.expiry_left(now), Some(2));
         assert!(!m.expired(now));
         assert!(m.expired(now + std::time::Duration::from_secs(2)));
-        assert_eq!(
-            SubIds::None.with(3).with(4).with(3).as_slice(),
-            &[3, 4][..]
-        );
+        assert_eq!(SubIds::None.with(3).with(4).with(3).as_slice(), &[3, 4][..]);
     }
 }

@@ -292,7 +292,10 @@ impl Shared {
             batch.offer(msg);
         }
         if batch.flush().await.is_err() {
-            debug!(wills = published.len(), "the outbox has stopped: wills not forwarded");
+            debug!(
+                wills = published.len(),
+                "the outbox has stopped: wills not forwarded"
+            );
         }
     }
 
@@ -307,8 +310,13 @@ const HOUSEKEEPING: Duration = Duration::from_secs(1);
 
 /// Publishes wills whose delay passed and ends sessions whose expiry passed, hands what
 /// they published to the intake, drops expired retained messages and updates the status
-/// gauges; until shutdown.
-pub async fn run_timers(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// gauges; until shutdown. It takes the core's lock at least every second, so a core that
+/// never comes free stops its liveness probe (and so the watchdog).
+pub async fn run_timers(
+    shared: Arc<Shared>,
+    mut probe: crate::supervisor::Probe,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let timer_wake = shared.lock().timer_wake.clone();
     let mut intake = shared.intake.batch();
     let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
@@ -337,6 +345,7 @@ pub async fn run_timers(shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>
             _ = sleep => {}
             _ = timer_wake.notified() => {}
             _ = housekeeping.tick() => housekeep(&shared),
+            _ = probe.serve() => {}
             _ = shutdown.changed() => return,
         }
     }

@@ -162,7 +162,10 @@ mod tests {
         assert_eq!(&out[0].payload[..], b"22");
         assert_eq!(r.set(&message("a/b", ""), 100), Change::Cleared);
         assert_eq!(r.set(&message("a/b", ""), 100), Change::Unchanged);
-        assert_eq!(r.set(&message("big", &"x".repeat(200)), 100), Change::Refused);
+        assert_eq!(
+            r.set(&message("big", &"x".repeat(200)), 100),
+            Change::Refused
+        );
         assert_eq!((r.len(), r.bytes()), (1, 4));
     }
 }

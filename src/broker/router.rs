@@ -39,7 +39,9 @@ impl<'a> Filter<'a> {
                     .split_once('/')
                     .ok_or("a shared subscription needs $share/GROUP/FILTER")?;
                 if group.is_empty() || group.contains(['+', '#']) {
-                    return Err("the share name of a shared subscription is empty or has a wildcard");
+                    return Err(
+                        "the share name of a shared subscription is empty or has a wildcard",
+                    );
                 }
                 (Some(group), levels)
             }
@@ -371,9 +373,11 @@ mod tests {
         assert!(r.remove(Filter::parse("a/#").unwrap(), key(2)));
         assert!(!r.remove(Filter::parse("a/#").unwrap(), key(2)));
         assert_eq!(matched(&mut r, "a"), vec![3, 5, 8]);
-        for (i, f) in ["a/b", "a/+", "#", "+/+", "+", "a/+/c", "/a", "+/#", "$SYS/#"]
-            .iter()
-            .enumerate()
+        for (i, f) in [
+            "a/b", "a/+", "#", "+/+", "+", "a/+/c", "/a", "+/#", "$SYS/#",
+        ]
+        .iter()
+        .enumerate()
         {
             let index = if i >= 2 { i as u32 + 1 } else { i as u32 };
             assert!(r.remove(Filter::parse(f).unwrap(), key(index)), "{f}");
@@ -401,7 +405,16 @@ mod tests {
 
     #[test]
     fn filters_are_checked() {
-        for bad in ["", "a/#/b", "a+", "#a", "$share/g", "$share//t", "$share/g+/t", "$share/g/"] {
+        for bad in [
+            "",
+            "a/#/b",
+            "a+",
+            "#a",
+            "$share/g",
+            "$share//t",
+            "$share/g+/t",
+            "$share/g/",
+        ] {
             assert!(Filter::parse(bad).is_err(), "{bad}");
         }
         let deep = vec!["a"; 129].join("/");

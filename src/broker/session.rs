@@ -91,10 +91,10 @@ impl Sessions {
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (SessionKey, &Session)> {
-        self.slots.iter().enumerate().filter_map(|(i, (g, s))| {
-            s.as_ref()
-                .map(|s| (SessionKey::new(i as u32, *g), s))
-        })
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (g, s))| s.as_ref().map(|s| (SessionKey::new(i as u32, *g), s)))
     }
 
     pub fn keys(&self) -> Vec<SessionKey> {
@@ -626,12 +626,22 @@ mod tests {
     fn a_full_queue_drops_qos_0_first_then_the_oldest() {
         let mut s = Session::new("c".into(), 1, SessionKind::Device, 4);
         for (n, qos) in [(1, 1), (2, 0), (3, 1)] {
-            assert!(matches!(s.enqueue(queued(n, qos), 3, 1000), Enqueued::Queued));
+            assert!(matches!(
+                s.enqueue(queued(n, qos), 3, 1000),
+                Enqueued::Queued
+            ));
         }
-        assert!(matches!(s.enqueue(queued(4, 0), 3, 1000), Enqueued::Dropped(_)));
-        assert!(matches!(s.enqueue(queued(5, 1), 3, 1000), Enqueued::Dropped(q) if &q.msg.payload[..] == b"2"));
+        assert!(matches!(
+            s.enqueue(queued(4, 0), 3, 1000),
+            Enqueued::Dropped(_)
+        ));
+        assert!(
+            matches!(s.enqueue(queued(5, 1), 3, 1000), Enqueued::Dropped(q) if &q.msg.payload[..] == b"2")
+        );
         assert_eq!(payloads(&s), ["1", "3", "5"]);
-        assert!(matches!(s.enqueue(queued(6, 1), 3, 1000), Enqueued::Dropped(q) if &q.msg.payload[..] == b"1"));
+        assert!(
+            matches!(s.enqueue(queued(6, 1), 3, 1000), Enqueued::Dropped(q) if &q.msg.payload[..] == b"1")
+        );
         assert_eq!(payloads(&s), ["3", "5", "6"]);
         assert_eq!(s.dropped, 3);
     }
@@ -643,7 +653,14 @@ mod tests {
             s.enqueue(queued(n, 1), 100, 10_000);
         }
         let (mut out, mut gone) = (Vec::new(), Vec::new());
-        s.take(2, usize::MAX, Instant::now(), &mut |_| true, &mut out, &mut gone);
+        s.take(
+            2,
+            usize::MAX,
+            Instant::now(),
+            &mut |_| true,
+            &mut out,
+            &mut gone,
+        );
         assert_eq!((out.len(), s.inflight.len(), s.queue.len()), (2, 2, 3));
         let ids: Vec<u16> = s.inflight.iter().map(|f| f.packet_id).collect();
         assert_eq!(ids, [1, 2]);
@@ -651,11 +668,28 @@ mod tests {
         assert!(matches!(s.acknowledged(2, 1), Acked::Unknown));
         assert!(matches!(s.acknowledged(1, 2), Acked::WrongFlow));
         out.clear();
-        s.take(2, usize::MAX, Instant::now(), &mut |_| true, &mut out, &mut gone);
-        assert_eq!(s.inflight.iter().map(|f| f.packet_id).collect::<Vec<_>>(), [1, 3]);
+        s.take(
+            2,
+            usize::MAX,
+            Instant::now(),
+            &mut |_| true,
+            &mut out,
+            &mut gone,
+        );
+        assert_eq!(
+            s.inflight.iter().map(|f| f.packet_id).collect::<Vec<_>>(),
+            [1, 3]
+        );
         out.clear();
         s.resend(&mut out);
-        assert!(matches!(out[0], Outgoing::Publish { dup: true, packet_id: 1, .. }));
+        assert!(matches!(
+            out[0],
+            Outgoing::Publish {
+                dup: true,
+                packet_id: 1,
+                ..
+            }
+        ));
     }
 
     #[test]
@@ -663,19 +697,40 @@ mod tests {
         let mut s = Session::new("c".into(), 1, SessionKind::Device, 4);
         s.enqueue(queued(0, 1), 10, 10_000);
         let (mut out, mut gone) = (Vec::new(), Vec::new());
-        s.take(10, usize::MAX, Instant::now(), &mut |_| true, &mut out, &mut gone);
+        s.take(
+            10,
+            usize::MAX,
+            Instant::now(),
+            &mut |_| true,
+            &mut out,
+            &mut gone,
+        );
         assert_eq!(s.inflight[0].packet_id, 1);
         // 65,534 more messages go out and are acknowledged while id 1 stays in flight.
         for _ in 0..65_534 {
             s.enqueue(queued(1, 1), 10, 10_000);
             out.clear();
-            s.take(10, usize::MAX, Instant::now(), &mut |_| true, &mut out, &mut gone);
+            s.take(
+                10,
+                usize::MAX,
+                Instant::now(),
+                &mut |_| true,
+                &mut out,
+                &mut gone,
+            );
             let id = s.inflight[1].packet_id;
             assert!(matches!(s.acknowledged(id, 1), Acked::Done(_)));
         }
         s.enqueue(queued(2, 1), 10, 10_000);
         out.clear();
-        s.take(10, usize::MAX, Instant::now(), &mut |_| true, &mut out, &mut gone);
+        s.take(
+            10,
+            usize::MAX,
+            Instant::now(),
+            &mut |_| true,
+            &mut out,
+            &mut gone,
+        );
         assert_eq!(s.inflight[1].packet_id, 2);
     }
 }

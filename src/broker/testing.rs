@@ -41,7 +41,11 @@ impl TestBroker {
             outbox,
             health: health.clone(),
         };
-        let policy = super::policy::Policy::default().shared();
+        let policy = super::policy::Policy {
+            allow_anonymous: true,
+            ..Default::default()
+        }
+        .shared();
         let shared = Shared::new(
             super::limits(&config),
             Settings::of(&config.local),
@@ -81,7 +85,12 @@ impl TestBroker {
         let core = self.shared.lock();
         let mut subscriptions = 0;
         for (key, s) in core.sessions.iter() {
-            assert_eq!(core.by_client.get(&s.client_id), Some(&key), "{}", s.client_id);
+            assert_eq!(
+                core.by_client.get(&s.client_id),
+                Some(&key),
+                "{}",
+                s.client_id
+            );
             assert!(s.inflight.len() <= usize::from(s.receive_max).max(1) + 8);
             subscriptions += s.subscriptions.len();
         }
@@ -150,7 +159,7 @@ async fn handshake(stream: &mut DuplexStream, client_id: &str, protocol: Protoco
         .await
         .unwrap();
     let connack = read_packet(stream).await.expect("a CONNACK");
-    assert_eq!(connack[0], 0x20);
+    assert_eq!((connack[0], connack[3]), (0x20, 0), "CONNACK {connack:?}");
 }
 
 /// The next whole packet, within a second.

@@ -26,9 +26,18 @@ pub fn watched_files(config: &Config) -> Vec<(&'static str, PathBuf)> {
         ("cloud.password_file", &cloud.password_file),
         ("local.password_file", &security.password_file),
         ("local.acl_file", &security.acl_file),
-        ("local.cert_file", &security.tls.as_ref().map(|t| t.cert_file.clone())),
-        ("local.key_file", &security.tls.as_ref().map(|t| t.key_file.clone())),
-        ("local.ca_file", &security.tls.as_ref().and_then(|t| t.ca_file.clone())),
+        (
+            "local.cert_file",
+            &security.tls.as_ref().map(|t| t.cert_file.clone()),
+        ),
+        (
+            "local.key_file",
+            &security.tls.as_ref().map(|t| t.key_file.clone()),
+        ),
+        (
+            "local.ca_file",
+            &security.tls.as_ref().and_then(|t| t.ca_file.clone()),
+        ),
     ]
     .into_iter()
     .filter_map(|(key, path)| path.clone().map(|path| (key, path)))
@@ -185,7 +194,9 @@ impl ConfigDiff {
             },
             tls_files: changed_files
                 .iter()
-                .filter(|key| ["local.cert_file", "local.key_file", "local.ca_file"].contains(&key.as_str()))
+                .filter(|key| {
+                    ["local.cert_file", "local.key_file", "local.ca_file"].contains(&key.as_str())
+                })
                 .cloned()
                 .collect(),
             persistence: {

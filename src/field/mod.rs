@@ -335,8 +335,11 @@ async fn run_router(
                 warn!(topic = %msg.topic, earlier_warnings_suppressed = held, "field command refused: {COMMAND_QUEUE} commands already wait for this device");
             }
             if job.is_some() {
-                let result = format!("error: busy, {COMMAND_QUEUE} commands already wait for this bus");
-                publisher.publish(format!("{}/result", msg.topic), result).await;
+                let result =
+                    format!("error: busy, {COMMAND_QUEUE} commands already wait for this bus");
+                publisher
+                    .publish(format!("{}/result", msg.topic), result)
+                    .await;
             }
         }
     }

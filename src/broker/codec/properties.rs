@@ -81,7 +81,9 @@ pub struct Properties<'a> {
 /// Sets a property that may appear once; a second copy is a protocol error.
 fn once<T>(slot: &mut Option<T>, value: T) -> Result<(), PacketError> {
     if slot.is_some() {
-        return Err(PacketError::Protocol("a property that may appear once came twice"));
+        return Err(PacketError::Protocol(
+            "a property that may appear once came twice",
+        ));
     }
     *slot = Some(value);
     Ok(())
@@ -109,7 +111,10 @@ impl<'a> Properties<'a> {
                 ));
             }
             match id {
-                0x01 => once(&mut p.payload_format, flag(&mut r, "payload format indicator")?)?,
+                0x01 => once(
+                    &mut p.payload_format,
+                    flag(&mut r, "payload format indicator")?,
+                )?,
                 0x02 => once(&mut p.message_expiry, r.u32("message expiry interval")?)?,
                 0x03 => once(&mut p.content_type, r.string("content type")?)?,
                 0x08 => once(&mut p.response_topic, r.string("response topic")?)?,
@@ -127,7 +132,10 @@ impl<'a> Properties<'a> {
                     p.subscription_ids.push(id as u32);
                 }
                 0x11 => once(&mut p.session_expiry, r.u32("session expiry interval")?)?,
-                0x12 => once(&mut p.assigned_client_id, r.string("assigned client identifier")?)?,
+                0x12 => once(
+                    &mut p.assigned_client_id,
+                    r.string("assigned client identifier")?,
+                )?,
                 0x13 => once(&mut p.server_keep_alive, r.u16("server keep alive")?)?,
                 0x15 => once(&mut p.auth_method, r.string("authentication method")?)?,
                 0x16 => once(&mut p.auth_data, r.binary("authentication data")?)?,

@@ -183,7 +183,9 @@ impl<'a> Publish<'a> {
             false => Properties::default(),
         };
         if topic.is_empty() && props.topic_alias.is_none() {
-            return Err(PacketError::Protocol("PUBLISH without a topic name or alias"));
+            return Err(PacketError::Protocol(
+                "PUBLISH without a topic name or alias",
+            ));
         }
         Ok(Publish {
             dup,

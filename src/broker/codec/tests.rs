@@ -39,15 +39,17 @@ fn owned_props() -> impl Strategy<Value = OwnedProps> {
         proptest::collection::vec(1u32..=268_435_455, 0..3),
         proptest::collection::vec((text(), text()), 0..3),
     )
-        .prop_map(|(bytes, u16s, u32s, strings, bins, sub_ids, user)| OwnedProps {
-            bytes,
-            u16s,
-            u32s,
-            strings,
-            bins,
-            sub_ids,
-            user,
-        })
+        .prop_map(
+            |(bytes, u16s, u32s, strings, bins, sub_ids, user)| OwnedProps {
+                bytes,
+                u16s,
+                u32s,
+                strings,
+                bins,
+                sub_ids,
+                user,
+            },
+        )
 }
 
 impl OwnedProps {
@@ -117,7 +119,12 @@ fn restrict(mut p: Properties<'_>, context: Context) -> Properties<'_> {
 fn round_trip(packet: &Packet<'_>, protocol: Protocol) -> Result<(), TestCaseError> {
     let bytes = packet.to_vec(protocol);
     let header = Header::parse(&bytes).unwrap().unwrap();
-    prop_assert_eq!(header.total(), bytes.len(), "remaining length of {:?}", packet);
+    prop_assert_eq!(
+        header.total(),
+        bytes.len(),
+        "remaining length of {:?}",
+        packet
+    );
     let parsed = Packet::parse(&bytes, protocol);
     prop_assert_eq!(parsed.as_ref(), Ok(packet));
     Ok(())
@@ -393,7 +400,10 @@ fn properties_out_of_place_or_twice_are_refused() {
     let mut bytes = Packet::Connect(Box::new(connect)).to_vec(Protocol::V5);
     let at = bytes.windows(3).position(|w| w == [0x21, 0, 1]).unwrap();
     bytes[at + 2] = 0;
-    assert!(matches!(Connect::parse(&bytes), Err(PacketError::Protocol(_))));
+    assert!(matches!(
+        Connect::parse(&bytes),
+        Err(PacketError::Protocol(_))
+    ));
 }
 
 #[test]

@@ -3,8 +3,8 @@
 
 use super::{
     Ack, Auth, ConnAck, Connect, Disconnect, Packet, Properties, Protocol, Publish, SubAck,
-    Subscribe, Unsubscribe, AUTH, CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK,
-    PUBCOMP, PUBLISH, PUBREC, PUBREL, SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE,
+    Subscribe, Unsubscribe, AUTH, CONNACK, CONNECT, DISCONNECT, PINGREQ, PINGRESP, PUBACK, PUBCOMP,
+    PUBLISH, PUBREC, PUBREL, SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE,
 };
 
 pub fn put_varint(out: &mut Vec<u8>, mut value: usize) {
@@ -297,11 +297,7 @@ impl Subscribe<'_> {
         let props_len = self.props.len();
         let remaining = 2
             + if v5 { block_len(props_len) } else { 0 }
-            + self
-                .filters
-                .iter()
-                .map(|(f, _)| 3 + f.len())
-                .sum::<usize>();
+            + self.filters.iter().map(|(f, _)| 3 + f.len()).sum::<usize>();
         put_header(out, (SUBSCRIBE << 4) | 0x02, remaining);
         out.extend_from_slice(&self.packet_id.to_be_bytes());
         if v5 {

@@ -23,13 +23,13 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tracing::{debug, error, info, warn};
 
+use super::codec::SubOptions;
 use super::core::Core;
 use super::message::{Message, Origin, OriginKind, SubIds};
 use super::router::{Filter, Sub};
 use super::session::{
     Inflight, Queued, Row, RowState, Session, SessionKind, Stage, StoredWill, NEVER_EXPIRES,
 };
-use super::codec::SubOptions;
 use super::Shared;
 use crate::health::{inc, SharedHealth};
 use store::{Batch, Clock, Loaded, Store, StoredMessage, StoredSession, StoredWillRow};
@@ -186,7 +186,8 @@ fn restore(core: &mut Core, loaded: Loaded, clock: &Clock) -> (usize, usize, usi
                 },
             );
             if let Some(s) = core.sessions.get_mut(key) {
-                s.subscriptions.insert(filter.as_str().into(), (options, *id));
+                s.subscriptions
+                    .insert(filter.as_str().into(), (options, *id));
             }
         }
         core.restore_timers(key);
@@ -217,10 +218,7 @@ fn restore(core: &mut Core, loaded: Loaded, clock: &Clock) -> (usize, usize, usi
             }),
             qos: m.qos,
             retain: m.retain,
-            sub_ids: m
-                .sub_ids
-                .iter()
-                .fold(SubIds::None, |ids, id| ids.with(*id)),
+            sub_ids: m.sub_ids.iter().fold(SubIds::None, |ids, id| ids.with(*id)),
             token: None,
             row: Row {
                 id: m.id,
@@ -263,15 +261,19 @@ fn snapshot(s: &Session, clock: &Clock) -> StoredSession {
         level: s.level,
         expiry: s.expiry,
         offline_at: s.offline_since.map(|t| clock.at(t)),
-        will: s.will.as_ref().filter(|_| s.will_at.is_some()).map(|w| StoredWillRow {
-            topic: w.topic.to_string(),
-            payload: w.payload.clone(),
-            qos: w.qos,
-            retain: w.retain,
-            props: w.props.clone(),
-            delay: w.delay,
-            expiry: w.expiry,
-        }),
+        will: s
+            .will
+            .as_ref()
+            .filter(|_| s.will_at.is_some())
+            .map(|w| StoredWillRow {
+                topic: w.topic.to_string(),
+                payload: w.payload.clone(),
+                qos: w.qos,
+                retain: w.retain,
+                props: w.props.clone(),
+                delay: w.delay,
+                expiry: w.expiry,
+            }),
         will_at: s.will_at.map(|t| clock.at(t)),
         incoming_qos2: s.incoming_qos2.clone(),
         filters: s
@@ -282,7 +284,12 @@ fn snapshot(s: &Session, clock: &Clock) -> StoredSession {
     }
 }
 
-fn stored_message(client: &str, q: &Queued, in_flight: Option<(u16, u8)>, clock: &Clock) -> StoredMessage {
+fn stored_message(
+    client: &str,
+    q: &Queued,
+    in_flight: Option<(u16, u8)>,
+    clock: &Clock,
+) -> StoredMessage {
     StoredMessage {
         id: q.row.id,
         client_id: client.to_owned(),

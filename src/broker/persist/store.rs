@@ -247,7 +247,11 @@ impl Store {
             }
         }
         for s in &batch.sessions_put {
-            let qos2: Vec<u8> = s.incoming_qos2.iter().flat_map(|id| id.to_be_bytes()).collect();
+            let qos2: Vec<u8> = s
+                .incoming_qos2
+                .iter()
+                .flat_map(|id| id.to_be_bytes())
+                .collect();
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO sessions
                  (client_id, protocol, expiry, offline_at, will, will_at, incoming_qos2)
@@ -399,7 +403,9 @@ fn load(db: &Connection) -> rusqlite::Result<Loaded> {
     )?;
     for session in &mut sessions {
         session.filters = subscriptions
-            .query_map([&session.client_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+            .query_map([&session.client_id], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?
             .collect::<Result<Vec<_>, _>>()?;
     }
     drop(subscriptions);
@@ -533,7 +539,10 @@ mod tests {
         let (_, loaded, aside) = Store::open(&path, true).unwrap();
         assert!(aside.is_none());
         assert_eq!(loaded.sessions[0].expiry, u32::MAX);
-        assert_eq!(loaded.sessions[0].filters, vec![("fan/command".into(), 1, 0)]);
+        assert_eq!(
+            loaded.sessions[0].filters,
+            vec![("fan/command".into(), 1, 0)]
+        );
         assert_eq!(&loaded.queued[0].payload[..], b"OFF");
         assert_eq!(&loaded.retained[0].payload[..], b"ON");
     }
