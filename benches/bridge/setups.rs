@@ -122,7 +122,7 @@ impl Local {
         }
     }
 
-    /// Where devices connect (MQTT 3.1.1).
+    /// Where devices connect (MQTT 3.1.1; bridgehead and mosquitto take MQTT 5 there too).
     pub fn port(&self) -> u16 {
         match self {
             Local::Direct(port) => *port,

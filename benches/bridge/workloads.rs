@@ -193,8 +193,9 @@ pub async fn burst(setup: Setup, total: usize, sizes: &Sizes) -> (Row, Idle) {
 
 /// The burst of row 3, with (`dashboard`) or without a dashboard on a persistent session
 /// (QoS 1, clean session 0) subscribed to every burst topic on the gateway: the most the
-/// front door's bookkeeping of sessions does per message (each is recorded for the
-/// session before rumqttd has it, and forgotten when the dashboard acknowledges it).
+/// local broker's bookkeeping of sessions does per message (each is queued for the
+/// session, written to `state.db` if the dashboard has not acknowledged it within
+/// `queue.commit_interval`, and forgotten when it does).
 pub async fn burst_watched(
     setup: Setup,
     total: usize,
@@ -251,14 +252,10 @@ pub async fn burst_watched(
         row.notes.push(format!("dashboard got {seen}"));
     }
     if let Local::Bridgehead(gateway) = &local {
-        // The losses the gateway itself can name.
+        // The losses the gateway itself can name: messages a subscriber's queue could not
+        // take, and state.db errors.
         let status = gateway.live_status().unwrap_or_default();
-        for counter in [
-            "intake_overruns",
-            "local_overruns",
-            "state_errors",
-            "queued_dropped",
-        ] {
+        for counter in ["queued_dropped", "state_errors"] {
             let n = status["counters"][counter].as_u64().unwrap_or(0);
             if n > 0 {
                 row.notes.push(format!("{counter} {n}"));
