@@ -41,6 +41,10 @@ pub struct Sizes {
     pub kill9: usize,
     pub outage: Duration,
     pub backlog: usize,
+    /// How long each broker-alone case publishes.
+    pub alone_for: Duration,
+    /// Idle device connections held open to weigh a broker's memory.
+    pub idle_connections: usize,
     /// How long without a new arrival ends a wait for stragglers.
     pub quiet: Duration,
     /// Longest any single wait for arrivals.
@@ -61,6 +65,8 @@ impl Sizes {
             kill9: 10_000,
             outage: Duration::from_secs(30),
             backlog: 1_000_000,
+            alone_for: Duration::from_secs(8),
+            idle_connections: 1_000,
             quiet: Duration::from_secs(10),
             max_wait: Duration::from_secs(600),
         }
@@ -79,6 +85,8 @@ impl Sizes {
             kill9: 2_000,
             outage: Duration::from_secs(3),
             backlog: 20_000,
+            alone_for: Duration::from_secs(1),
+            idle_connections: 50,
             quiet: Duration::from_secs(5),
             max_wait: Duration::from_secs(60),
         }
