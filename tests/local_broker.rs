@@ -1,17 +1,20 @@
 //! The site's MQTT broker: every 3.1.1 device can connect (keepalive 0 included),
 //! retained messages and QoS 2 work, the gateway's internal client ids cannot be taken,
-//! and garbage on the port stops nobody else.
+//! garbage on the port stops nobody else, and MQTT 5 devices (Eclipse Paho, mosquitto's
+//! clients) on `local.listen` get the properties their peers sent.
 
 mod support;
 
+use std::process::Command;
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use support::raw::{connect_packet, publish_qos1_packet, RawClient};
 use support::{
-    publish_all, publish_many, publish_retained, Collector, Gateway, GatewayConfig,
-    LocalSubscriber, Mosquitto, QoS, COMMAND_PREFIX, TELEMETRY_FILTER,
+    paho5, paho_spawn, publish_all, publish_many, publish_retained, Collector, Gateway,
+    GatewayConfig, LineProcess, LocalSubscriber, Mosquitto, QoS, COMMAND_PREFIX, TELEMETRY_FILTER,
 };
 
 async fn gateway_with_cloud() -> (Mosquitto, Gateway) {
@@ -285,4 +288,267 @@ async fn a_message_on_a_wildcard_topic_is_not_forwarded_and_blocks_nothing() {
         .map(|m| m.payload)
         .collect();
     assert_eq!(payloads, after);
+}
+
+/// The MQTT 5 properties a publisher attaches that a broker passes on as they are.
+const PASSED_ON: [&str; 5] = [
+    "user_properties",
+    "content_type",
+    "payload_format_indicator",
+    "response_topic",
+    "correlation_data",
+];
+
+/// MQTT 5 devices on `local.listen`, played by Eclipse Paho (paho-mqtt 2.x): what a
+/// publisher attaches to a message reaches the subscriber as it was sent (user properties
+/// in order, a repeated name included), with the remaining expiry and the subscriber's own
+/// subscription identifier; nothing is added to a message that has none; and a request
+/// finds its way back to the requester by its response topic and correlation data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_paho_client_properties_pass_through() {
+    let _serial = support::serial().await;
+    let (_cloud, mut gateway) = gateway_with_cloud().await;
+    let port = gateway.local_port;
+    let wait = Duration::from_secs(10);
+
+    let mut dashboard = paho_spawn(port, &["v5-sub", "dashboard-5", "lab/zone5/#", "7", "2"]);
+    let subscribed = dashboard.event("subscribed", wait);
+    assert_eq!(
+        subscribed["reason_codes"],
+        json!([1]),
+        "SUBACK: {subscribed}\n{}",
+        gateway.log()
+    );
+    let sent = json!({
+        "user_properties": [["site", "plant-7"], ["unit", "°C"], ["site", "second"]],
+        "content_type": "text/plain; charset=utf-8",
+        "payload_format_indicator": 1,
+        "response_topic": "lab/zone5/ack",
+        "correlation_data": "reading-0042",
+        "message_expiry_interval": 300,
+    });
+    for (topic, payload, properties) in [
+        ("lab/zone5/temp", "21.5", sent.to_string()),
+        ("lab/zone5/plain", "no properties", "{}".to_string()),
+    ] {
+        assert_eq!(
+            paho5(port, &["v5-pub", "sensor-5", topic, payload, &properties]),
+            [json!({"event": "published", "reason_code": 0})],
+            "PUBACK:\n{}",
+            gateway.log()
+        );
+    }
+    let got = dashboard.event("message", wait);
+    assert_eq!(
+        (&got["topic"], &got["payload"], &got["qos"]),
+        (&json!("lab/zone5/temp"), &json!("21.5"), &json!(1)),
+        "{got}"
+    );
+    for key in PASSED_ON {
+        assert_eq!(got[key], sent[key], "{key} changed on the way: {got}");
+    }
+    let expiry = got["message_expiry_interval"].as_u64();
+    assert!(
+        expiry.is_some_and(|left| (1..=300).contains(&left)),
+        "the expiry interval left of 300 s: {got}"
+    );
+    assert_eq!(got["subscription_identifiers"], json!([7]), "{got}");
+    let plain = dashboard.event("message", wait);
+    let mut keys: Vec<&str> = plain
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    keys.sort_unstable();
+    assert_eq!(
+        keys,
+        [
+            "event",
+            "payload",
+            "qos",
+            "retain",
+            "subscription_identifiers",
+            "topic"
+        ],
+        "properties appeared on a message sent without any: {plain}"
+    );
+    assert_eq!(plain["payload"], "no properties");
+
+    // Request and response: the responder answers to the response topic it was given,
+    // with the correlation data it was given.
+    let mut responder = paho_spawn(port, &["v5-echo", "responder-5", "lab/zone5/request"]);
+    responder.event("subscribed", wait);
+    let exchange = paho5(
+        port,
+        &[
+            "v5-request",
+            "requester-5",
+            "lab/zone5/request",
+            "lab/zone5/reply/requester-5",
+            "corr-42",
+            "ping",
+        ],
+    );
+    let request = responder.event("message", wait);
+    assert_eq!(
+        (&request["response_topic"], &request["correlation_data"]),
+        (&json!("lab/zone5/reply/requester-5"), &json!("corr-42")),
+        "{request}"
+    );
+    assert_eq!(
+        responder.event("published", wait)["reason_code"],
+        0,
+        "{}",
+        responder.output()
+    );
+    let reply = exchange
+        .iter()
+        .find(|line| line["event"] == "message")
+        .unwrap_or_else(|| panic!("no reply: {exchange:?}"));
+    assert_eq!(
+        (
+            &reply["topic"],
+            &reply["payload"],
+            &reply["correlation_data"]
+        ),
+        (
+            &json!("lab/zone5/reply/requester-5"),
+            &json!("ping"),
+            &json!("corr-42")
+        ),
+        "{reply}"
+    );
+    assert!(gateway.is_running(), "{}", gateway.log());
+}
+
+/// mosquitto's own clients in MQTT 5 on `local.listen`, as a site admin tries the broker:
+/// `mosquitto_pub -D publish ...` properties reach `mosquitto_sub -F` unchanged, and
+/// `mosquitto_rr` gets its answer from an Eclipse Paho responder.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_mosquitto_clients_on_local_listen() {
+    let _serial = support::serial().await;
+    let (_cloud, mut gateway) = gateway_with_cloud().await;
+    let port = gateway.local_port.to_string();
+    let wait = Duration::from_secs(10);
+    // Run by stdbuf -oL: into a pipe, mosquitto_sub would hold its lines until it exits.
+    let mqtt5 = |tool: &str, client_id: &str| {
+        let mut command = Command::new("stdbuf");
+        command.args(["-oL", tool]);
+        command.args([
+            "-V",
+            "mqttv5",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port,
+            "-i",
+            client_id,
+        ]);
+        command
+    };
+
+    // -d prints the SUBACK; -F prints a message: topic, payload, user properties (name:value,
+    // space separated), content type, correlation data, response topic, payload format
+    // indicator, expiry left, QoS.
+    let mut sub = mqtt5("mosquitto_sub", "dashboard-m5");
+    sub.args(["-q", "1", "-t", "lab/mosq/#", "-d", "-C", "1", "-W", "15"])
+        .args(["-F", "%t|%p|%P|%C|%D|%R|%F|%E|%q"]);
+    let mut dashboard = LineProcess::spawn("mosquitto_sub", sub);
+    dashboard.expect(wait, |line| line == "Subscribed (mid: 1): 1");
+
+    let mut publish = mqtt5("mosquitto_pub", "sensor-m5");
+    publish.args(["-q", "1", "-t", "lab/mosq/temp", "-m", "21.5"]);
+    for property in [
+        &["user-property", "site", "plant-7"][..],
+        &["user-property", "unit", "C"],
+        &["content-type", "text/plain"],
+        &["correlation-data", "corr-7"],
+        &["response-topic", "lab/mosq/ack"],
+        &["payload-format-indicator", "1"],
+        &["message-expiry-interval", "300"],
+    ] {
+        publish.args(["-D", "publish"]).args(property);
+    }
+    let out = publish
+        .output()
+        .expect("running mosquitto_pub (apt-get install mosquitto-clients)");
+    assert!(
+        out.status.success(),
+        "mosquitto_pub -V mqttv5: {}\n{}{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    let line = dashboard.expect(wait, |line| line.starts_with("lab/mosq/temp|"));
+    let fields: Vec<&str> = line.split('|').collect();
+    assert_eq!(fields.len(), 9, "{line:?}\n{}", dashboard.output());
+    assert_eq!(
+        fields[..7],
+        [
+            "lab/mosq/temp",
+            "21.5",
+            "site:plant-7 unit:C",
+            "text/plain",
+            "corr-7",
+            "lab/mosq/ack",
+            "1"
+        ],
+        "{line:?}"
+    );
+    let expiry: u32 = fields[7].parse().unwrap_or(0);
+    assert!(
+        (1..=300).contains(&expiry),
+        "expiry left of 300 s: {line:?}"
+    );
+    assert_eq!(fields[8], "1", "QoS: {line:?}");
+
+    // mosquitto_rr asks, a Paho MQTT 5 device answers.
+    let mut responder = paho_spawn(
+        gateway.local_port,
+        &["v5-echo", "responder-m5", "lab/mosq/request"],
+    );
+    responder.event("subscribed", wait);
+    let mut rr = mqtt5("mosquitto_rr", "requester-m5");
+    rr.args([
+        "-q",
+        "1",
+        "-t",
+        "lab/mosq/request",
+        "-e",
+        "lab/mosq/reply/requester-m5",
+    ])
+    .args([
+        "-m",
+        "ping",
+        "-W",
+        "10",
+        "-D",
+        "publish",
+        "correlation-data",
+        "rr-1",
+    ])
+    .args(["-F", "%t|%p|%D"]);
+    let out = rr
+        .output()
+        .expect("running mosquitto_rr (apt-get install mosquitto-clients)");
+    let request: Value = responder.event("message", wait);
+    assert_eq!(
+        (&request["response_topic"], &request["correlation_data"]),
+        (&json!("lab/mosq/reply/requester-m5"), &json!("rr-1")),
+        "{request}"
+    );
+    assert_eq!(
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).trim()
+        ),
+        (true, "lab/mosq/reply/requester-m5|ping|rr-1"),
+        "mosquitto_rr: {}\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        gateway.log()
+    );
+    assert!(gateway.is_running(), "{}", gateway.log());
 }

@@ -19,7 +19,9 @@ use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
 pub use certs::write_unrelated_ca;
-pub use field::{latest, paho, Endpoint, Executed, ModbusServer, PtyPair, Sensor};
+pub use field::{
+    latest, paho, paho5, paho_spawn, Endpoint, Executed, LineProcess, ModbusServer, PtyPair, Sensor,
+};
 pub use gateway::{counter, Edit, Gateway, GatewayConfig};
 pub use mosquitto::{mosquitto_passwd, mosquitto_passwd_delete, Mosquitto, PasswdHash};
 pub use mqtt::{
