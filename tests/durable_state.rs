@@ -5,7 +5,7 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{
     free_port, paho, publish_all, publish_by_alias, publish_paced, publish_retained, retained,
@@ -570,5 +570,89 @@ async fn a_will_that_became_the_retained_state_survives_kill_9() {
             .as_deref(),
         Some("offline"),
         "after kill -9 the fan's status is not its will"
+    );
+}
+
+/// A device's command topic: `warehouse/<device>/command`.
+fn command_topic(device: &str) -> String {
+    format!("warehouse/{device}/command")
+}
+
+/// MQTT 5 devices on `local.listen`, each on a persistent session with a Session Expiry
+/// Interval, subscribed QoS 1 to its command topic, then offline.
+async fn devices5_subscribe_and_leave(port: u16, devices: &[(&str, u32)]) {
+    for &(id, expiry) in devices {
+        let mut device = Device5::connect(port, id, true, expiry).await;
+        assert!(
+            !device.session_present,
+            "{id}: a clean start found a session"
+        );
+        device
+            .subscribe(&command_topic(id), QoS5::AtLeastOnce)
+            .await;
+        device.disconnect().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_expiry_counts_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    devices5_subscribe_and_leave(
+        port,
+        &[("scanner", 4), ("badge-reader", 2), ("label-printer", 2)],
+    )
+    .await;
+    let command = vec![(command_topic("scanner"), b"rescan".to_vec())];
+    publish_all(port, "operator-panel", QoS::AtLeastOnce, command).await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM queued WHERE client_id = 'scanner'",
+        1,
+    )
+    .await;
+    wait_stored(&gateway, "SELECT count(*) FROM subscriptions", 3).await;
+
+    gateway.kill9();
+    // Down for longer than the 2 s sessions' expiry: that time is not the gateway's.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let restarted = Instant::now();
+    gateway.start_again();
+
+    let badge_reader = Device5::connect(port, "badge-reader", false, 2).await;
+    assert!(
+        badge_reader.session_present,
+        "a 2 s session expired while the gateway was down 2.5 s: expiry counted the wall clock"
+    );
+    badge_reader.disconnect().await;
+    let mut scanner = Device5::connect(port, "scanner", false, 4).await;
+    assert!(
+        scanner.session_present,
+        "the scanner's 4 s session is gone after kill -9:\n{}",
+        gateway.log()
+    );
+    let got = scanner
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("the scanner got no command after kill -9");
+    assert_eq!(
+        (got.topic, got.payload.as_str()),
+        (command_topic("scanner"), "rescan")
+    );
+    assert!(
+        scanner.recv(Duration::from_secs(1)).await.is_none(),
+        "the command came twice"
+    );
+    scanner.disconnect().await;
+
+    // 3 s of running time after the restart, more than its 2 s: the printer's session is over.
+    tokio::time::sleep_until((restarted + Duration::from_secs(3)).into()).await;
+    let printer = Device5::connect(port, "label-printer", false, 2).await;
+    assert!(
+        !printer.session_present,
+        "a 2 s session is still there after 3 s of gateway running time:\n{}",
+        gateway.log()
     );
 }
