@@ -656,3 +656,50 @@ async fn mqtt5_session_expiry_counts_across_kill_9() {
         gateway.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_message_expiry_counts_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    devices5_subscribe_and_leave(port, &[("label-printer", 3600)]).await;
+    let labels = command_topic("label-printer");
+    let mut wms = Device5::connect(port, "wms", true, 0).await;
+    wms.publish(&labels, "print-now", Some(3)).await;
+    wms.publish(&labels, "print-today", Some(60)).await;
+    wms.disconnect().await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM queued WHERE client_id = 'label-printer'",
+        2,
+    )
+    .await;
+
+    gateway.kill9();
+    gateway.start_again();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut printer = Device5::connect(port, "label-printer", false, 3600).await;
+    assert!(printer.session_present, "the printer's session is gone");
+    let got = printer
+        .recv(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no message after kill -9:\n{}", gateway.log()));
+    assert_eq!(
+        got.payload, "print-today",
+        "not the message with 60 s to live (the one with 3 s expired after 3 s of running time)"
+    );
+    // 3 s and more of running time went by: what is left is less, and says so.
+    let left = got
+        .message_expiry
+        .expect("delivered without its Message Expiry Interval");
+    println!("delivered after the restart with {left} s of its 60 s left");
+    assert!(
+        (50..=57).contains(&left),
+        "Message Expiry Interval {left} s after 3 s and more of running time (sent with 60)"
+    );
+    assert!(
+        printer.recv(Duration::from_secs(1)).await.is_none(),
+        "more than the unexpired message arrived"
+    );
+}
