@@ -8,9 +8,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use support::{
-    free_port, paho, publish_all, publish_by_alias, publish_paced, publish_retained, retained,
-    Collector, Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5,
-    COMMAND_PREFIX, TELEMETRY_FILTER,
+    delayed_will, free_port, paho, publish_all, publish_by_alias, publish_paced, publish_retained,
+    retained, Collector, Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5,
+    Received, COMMAND_PREFIX, TELEMETRY_FILTER,
 };
 
 const FAN: &str = "warehouse/zone1/fan/command";
@@ -702,4 +702,132 @@ async fn mqtt5_message_expiry_counts_across_kill_9() {
         printer.recv(Duration::from_secs(1)).await.is_none(),
         "more than the unexpired message arrived"
     );
+}
+
+const DOOR_STATE: &str = "warehouse/door/state";
+const DOCK_DOOR_STATE: &str = "warehouse/door/dock2/state";
+const WILL_DELAY: Duration = Duration::from_secs(3);
+
+/// A door sensor with a will `offline` 3 s after its connection is lost and a 60 s
+/// session, which then loses power (no DISCONNECT).
+async fn door_sensor_loses_power(port: u16, client_id: &str, will_topic: &str) {
+    let will = delayed_will(will_topic, "offline", WILL_DELAY.as_secs() as u32);
+    let sensor = Device5::connect_with_will(port, client_id, true, 60, Some(will)).await;
+    drop(sensor);
+}
+
+/// A dashboard on every door's state.
+async fn door_panel(port: u16) -> LocalSubscriber {
+    LocalSubscriber::connect(
+        port,
+        "door-panel",
+        true,
+        Some(("warehouse/door/#", QoS::AtLeastOnce)),
+    )
+    .await
+}
+
+/// A kill -9 and the restart after it, as the test saw them.
+struct Outage {
+    killing: Instant,
+    killed: Instant,
+    starting: Instant,
+    ready: Instant,
+}
+
+impl Outage {
+    /// kill -9, `down` without the gateway, then start it again.
+    async fn of(gateway: &mut Gateway, down: Duration) -> Self {
+        let killing = Instant::now();
+        gateway.kill9();
+        let killed = Instant::now();
+        tokio::time::sleep(down).await;
+        let starting = Instant::now();
+        gateway.start_again();
+        Outage {
+            killing,
+            killed,
+            starting,
+            ready: Instant::now(),
+        }
+    }
+
+    /// The gateway's running time from `from` (before the kill) to `to` (after the
+    /// restart): at least, at most.
+    fn running(&self, from: Instant, to: Instant) -> (Duration, Duration) {
+        (
+            (self.killing - from) + to.saturating_duration_since(self.ready),
+            (self.killed - from) + (to - self.starting),
+        )
+    }
+}
+
+/// Asserts that `will` came after 3 s of gateway running time since `dropped`, as far as
+/// the test can tell (50 ms for the time the gateway takes to see a connection end), and
+/// no more than `late` after that.
+fn assert_will_on_time(will: &Received, dropped: Instant, outage: &Outage, late: Duration) {
+    let (least, most) = outage.running(dropped, will.at);
+    println!(
+        "the will came {:?} after the restart, after {least:?} to {most:?} of gateway \
+         running time since the connection dropped",
+        will.at - outage.starting
+    );
+    assert!(
+        most + Duration::from_millis(50) >= WILL_DELAY,
+        "the will came after at most {most:?} of gateway running time, before its 3 s delay"
+    );
+    assert!(
+        least <= WILL_DELAY + late,
+        "the will came {:?} after the restart: after at least {least:?} of gateway running \
+         time since the connection dropped, not 3 s ({:?} of it before kill -9)",
+        will.at - outage.starting,
+        outage.killing - dropped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_will_delay_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    door_sensor_loses_power(port, "door", DOOR_STATE).await;
+    door_sensor_loses_power(port, "dock-door", DOCK_DOOR_STATE).await;
+    let dropped = Instant::now();
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM sessions WHERE will_at IS NOT NULL",
+        2,
+    )
+    .await;
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "the wills took {:?} to reach state.db",
+        dropped.elapsed()
+    );
+    // Down for a second: that second is not the gateway's running time.
+    let outage = Outage::of(&mut gateway, Duration::from_secs(1)).await;
+    let mut panel = door_panel(port).await;
+    // The dock sensor is back within the delay: its will must never be published.
+    let dock = Device5::connect(port, "dock-door", false, 60).await;
+    assert!(dock.session_present, "the dock sensor's session is gone");
+
+    let will = panel
+        .recv(WILL_DELAY + Duration::from_secs(2))
+        .await
+        .unwrap_or_else(|| panic!("the door's will never came after kill -9"));
+    assert_eq!(
+        (will.topic.as_str(), will.payload.as_str()),
+        (DOOR_STATE, "offline")
+    );
+    assert_will_on_time(&will, dropped, &outage, Duration::from_millis(500));
+    let until = outage.starting + WILL_DELAY + Duration::from_secs(2);
+    let late = panel
+        .recv(until.saturating_duration_since(Instant::now()))
+        .await;
+    assert!(
+        late.is_none(),
+        "a will came though its device was back within the delay: {late:?}"
+    );
+    drop(dock);
 }
