@@ -831,3 +831,30 @@ async fn mqtt5_will_delay_across_kill_9() {
     );
     drop(dock);
 }
+
+/// The state's clock must not lose the time an idle gateway ran before it was killed:
+/// the will is due 3 s of running time after the drop, however little was written since.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_will_delay_counts_the_time_an_idle_gateway_ran_before_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    door_sensor_loses_power(port, "door", DOOR_STATE).await;
+    let dropped = Instant::now();
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM sessions WHERE will_at IS NOT NULL",
+        1,
+    )
+    .await;
+    // Half the delay goes by with nothing to write; then the gateway loses power.
+    tokio::time::sleep_until((dropped + WILL_DELAY / 2).into()).await;
+    let outage = Outage::of(&mut gateway, Duration::ZERO).await;
+    let mut panel = door_panel(port).await;
+    let will = panel
+        .recv(WILL_DELAY + Duration::from_secs(2))
+        .await
+        .expect("the door's will never came after kill -9");
+    assert_will_on_time(&will, dropped, &outage, Duration::from_millis(500));
+}
