@@ -108,3 +108,5 @@ fn tail(path: &std::path::Path, lines: usize) -> String {
 
 // The own-broker story tests' helpers (kept apart: others edit the lines above).
 pub use mqtt5::delayed_will;
+mod acked;
+pub use acked::{stream_until_closed, Streamed};
