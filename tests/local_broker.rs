@@ -6,15 +6,16 @@
 mod support;
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 
 use support::raw::{connect_packet, publish_qos1_packet, RawClient};
 use support::{
-    paho5, paho_spawn, publish_all, publish_many, publish_retained, Collector, Gateway,
-    GatewayConfig, LineProcess, LocalSubscriber, Mosquitto, QoS, COMMAND_PREFIX, TELEMETRY_FILTER,
+    paho5, paho_spawn, publish_all, publish_many, publish_retained, telemetry_burst, Collector,
+    Deliveries, Expected, Gateway, GatewayConfig, LineProcess, LocalSubscriber, Mosquitto, QoS,
+    CLOUD_PREFIX, COMMAND_PREFIX, TELEMETRY_FILTER,
 };
 
 async fn gateway_with_cloud() -> (Mosquitto, Gateway) {
@@ -551,4 +552,81 @@ async fn mqtt5_mosquitto_clients_on_local_listen() {
         gateway.log()
     );
     assert!(gateway.is_running(), "{}", gateway.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos1_dashboard_takes_the_100k_burst() {
+    let _serial = support::serial().await;
+    const DEVICES: usize = 4;
+    const PER_DEVICE: usize = 25_000;
+    const TOTAL: usize = DEVICES * PER_DEVICE;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    let gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    let mut dashboard = LocalSubscriber::connect(
+        gateway.local_port,
+        "dashboard",
+        true,
+        Some(("warehouse/#", QoS::AtLeastOnce)),
+    )
+    .await;
+
+    let started = Instant::now();
+    let port = gateway.local_port;
+    let burst = tokio::spawn(async move {
+        let expected = telemetry_burst(port, DEVICES, PER_DEVICE, Duration::ZERO).await;
+        (expected, started.elapsed())
+    });
+    // Everything, or until the dashboard has heard nothing for 2 s.
+    let deadline = started + Duration::from_secs(60);
+    let mut seen = Vec::with_capacity(TOTAL);
+    while seen.len() < TOTAL && Instant::now() < deadline {
+        match dashboard.recv(Duration::from_secs(2)).await {
+            Some(m) => seen.push(m),
+            None => break,
+        }
+    }
+    let on_dashboard = seen
+        .last()
+        .map_or(Duration::ZERO, |m| m.at.duration_since(started));
+    let (expected, accepted) = burst.await.expect("the devices");
+    let in_cloud = collector
+        .wait_for_count(TOTAL, Duration::from_secs(60))
+        .await;
+    println!(
+        "{TOTAL} QoS 1 messages from {DEVICES} devices, accepted in {accepted:?}: {} on the \
+         dashboard (the last after {on_dashboard:?}), {} in the cloud after {:?}",
+        seen.len(),
+        collector.distinct(),
+        started.elapsed()
+    );
+
+    let dashboard_expected: Expected = expected
+        .iter()
+        .map(|(topic, payloads)| {
+            let local = topic.strip_prefix(CLOUD_PREFIX).expect("a cloud topic");
+            (local.to_string(), payloads.clone())
+        })
+        .collect();
+    if seen.len() < TOTAL {
+        let status = gateway.status().expect("status.json");
+        panic!(
+            "the dashboard got {} of {TOTAL} ({} missing; the cloud got {}); the gateway \
+             counts queued_dropped = {} (local.max_queued_messages: default)",
+            seen.len(),
+            TOTAL - seen.len(),
+            collector.distinct(),
+            support::counter(&status, "queued_dropped"),
+        );
+    }
+    let deliveries = Deliveries::of(&seen);
+    deliveries.assert_exactly(&dashboard_expected);
+    assert_eq!(deliveries.duplicates, 0, "duplicates on one connection");
+    assert!(
+        in_cloud,
+        "only {} of {TOTAL} reached the cloud",
+        collector.distinct()
+    );
+    collector.deliveries().assert_exactly(&expected);
 }
