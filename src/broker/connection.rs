@@ -13,7 +13,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -43,6 +43,8 @@ const OUT_KEEP: usize = 16 * 1024;
 const MAX_ALIASES_OUT: u16 = 64;
 /// How long a closing connection may take to write its last packets.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a connection the broker closed waits for the client to close too.
+const LINGER: Duration = Duration::from_secs(1);
 /// The largest single read.
 const READ_SIZE: usize = 16 * 1024;
 
@@ -134,7 +136,7 @@ pub async fn serve<S>(
     };
     let mut conn = Box::new(Connection::new(broker.clone(), accepted, peer));
     let end = conn.run(&mut reader, &mut writer, &mut framer).await;
-    Box::pin(conn.finish(&end, &mut writer)).await;
+    Box::pin(conn.finish(&end, &mut reader, &mut writer)).await;
     drop(permit);
 }
 
@@ -320,7 +322,9 @@ impl Connection {
                     Ok(0) => return Close::Peer,
                     Ok(_) => {
                         self.last_packet = Instant::now();
-                        if let Err(e) = self.process(framer).await {
+                        // Boxed: an idle connection's task must not carry the largest
+                        // state it could be in.
+                        if let Err(e) = Box::pin(self.process(framer)).await {
                             return e;
                         }
                     }
@@ -747,7 +751,7 @@ impl Connection {
                     continue;
                 }
                 let count = core.sessions.get(self.key).map_or(0, |s| {
-                    s.subscriptions.len() - usize::from(s.subscriptions.contains_key(*written))
+                    s.subscriptions.len() - usize::from(s.subscriptions.contains(written))
                 });
                 if count >= max {
                     refused += 1;
@@ -816,16 +820,17 @@ impl Connection {
         let limit = self.client_max_packet;
         let v5 = self.v5();
         let rules = self.rules();
+        let aliases = self.aliases_out.is_some();
         let mut oversize = 0u64;
-        let mut allowed = |m: &Message| {
-            if delivery_size_bound(m, v5) > limit {
+        let mut allowed = |q: &Queued| {
+            if largest_delivery(q, v5, aliases, now) > limit {
                 // [MQTT-3.1.2-25]: discarded as if it had been sent.
                 oversize += 1;
                 return false;
             }
             rules
                 .as_ref()
-                .is_none_or(|r| r.topic_allowed(&m.topic, Access::Read))
+                .is_none_or(|r| r.topic_allowed(&q.msg.topic, Access::Read))
         };
         let room = OUT_HIGH_WATER.saturating_sub(self.out.len() - self.written);
         let taken = {
@@ -920,7 +925,7 @@ impl Connection {
 
     /// Ends the connection: a last DISCONNECT (MQTT 5), the session's side of it (will,
     /// expiry), the count and the log line.
-    async fn finish<S>(&mut self, end: &Close, writer: &mut WriteHalf<S>)
+    async fn finish<S>(&mut self, end: &Close, reader: &mut ReadHalf<S>, writer: &mut WriteHalf<S>)
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
@@ -951,18 +956,39 @@ impl Connection {
         wake_all(&mut self.wake);
         self.broker.hand_over(published).await;
         self.broker.ended(self.peer, &self.client_id, end);
+        if end.reason().is_some() && ending != Ending::Shutdown {
+            linger(reader).await;
+        }
     }
 }
 
-/// An upper bound of the bytes a delivery of `m` takes (its per-delivery properties at
-/// their largest).
-fn delivery_size_bound(m: &Message, v5: bool) -> usize {
-    let props = if v5 {
-        m.props.len() + 5 + 3 + 4 * 5 + 4
-    } else {
-        0
-    };
-    5 + 2 + m.topic.len() + 2 + props + m.payload.len()
+/// After the broker closed a connection, what the client still sends (it may not have read
+/// the DISCONNECT yet) is read and dropped until it closes too, for a moment: closing at
+/// once would answer its packets with a reset, and it might never see why it was closed.
+async fn linger<R: AsyncRead + Unpin>(reader: &mut R) {
+    let mut sink = [0u8; 1024];
+    let _ = tokio::time::timeout(LINGER, async {
+        while matches!(reader.read(&mut sink).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// The bytes a delivery of `q` takes at most: exactly, but for a topic alias, which may
+/// make it shorter.
+fn largest_delivery(q: &Queued, v5: bool, aliases: bool, now: std::time::Instant) -> usize {
+    PublishOut {
+        dup: false,
+        qos: q.qos,
+        retain: q.retain,
+        topic: &q.msg.topic,
+        packet_id: 0,
+        forwarded: &q.msg.props,
+        message_expiry: q.msg.expiry_left(now),
+        topic_alias: aliases.then_some(1),
+        subscription_ids: q.sub_ids.as_slice(),
+        payload: &q.msg.payload,
+    }
+    .size(v5)
 }
 
 /// Sleeps until `at`, or forever.

@@ -531,7 +531,7 @@ impl Core {
         if self.by_client.get(&s.client_id) == Some(&key) {
             self.by_client.remove(&s.client_id);
         }
-        for filter in s.subscriptions.keys() {
+        for (filter, ..) in s.subscriptions.iter() {
             if let Ok(parsed) = Filter::parse(filter) {
                 self.router.remove(parsed, key);
             }
@@ -623,8 +623,7 @@ impl Core {
         let now = Instant::now();
         let replaced = self.router.insert(filter, sub);
         if let Some(s) = self.sessions.get_mut(key) {
-            s.subscriptions
-                .insert(written.into(), (sub.options, sub.id));
+            s.subscriptions.insert(written, sub.options, sub.id);
         }
         let send_retained = match sub.options.retain_handling {
             0 => true,
@@ -707,7 +706,7 @@ impl Core {
         let existed = self
             .sessions
             .get_mut(key)
-            .is_some_and(|s| s.subscriptions.remove(written).is_some());
+            .is_some_and(|s| s.subscriptions.remove(written));
         if existed {
             self.router.remove(filter, key);
             self.session_changed(key, now);

@@ -70,7 +70,7 @@ const RECEIVE_MAXIMUM: u16 = 1024;
 /// Topic aliases a client may set (MQTT 5 Topic Alias Maximum in CONNACK).
 const TOPIC_ALIAS_MAXIMUM: u16 = 64;
 /// Messages in flight to one client at most (its own Receive Maximum may be lower).
-const MAX_INFLIGHT: u16 = 100;
+const MAX_INFLIGHT: u16 = 1000;
 
 /// Per-connection settings a reload can change (new connections take them).
 #[derive(Debug, Clone, PartialEq)]

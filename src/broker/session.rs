@@ -4,7 +4,7 @@
 //! directions), its will and its expiry. Sessions live in [`Sessions`], owned by the
 //! broker's core; a connection reaches its session by [`SessionKey`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -211,6 +211,44 @@ pub enum Outgoing {
     PubRel(u16),
 }
 
+/// A session's subscriptions: filter as the client wrote it, its options and subscription
+/// identifier. Most devices have one or two, so a plain list (one small allocation).
+#[derive(Debug, Default)]
+pub struct Subscriptions(Vec<(Box<str>, SubOptions, u32)>);
+
+impl Subscriptions {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn contains(&self, filter: &str) -> bool {
+        self.0.iter().any(|(f, ..)| &**f == filter)
+    }
+
+    /// Adds or replaces the subscription to `filter`.
+    pub fn insert(&mut self, filter: &str, options: SubOptions, id: u32) {
+        match self.0.iter_mut().find(|(f, ..)| &**f == filter) {
+            Some(entry) => (entry.1, entry.2) = (options, id),
+            None => self.0.push((filter.into(), options, id)),
+        }
+    }
+
+    /// Whether there was one.
+    pub fn remove(&mut self, filter: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(f, ..)| &**f != filter);
+        self.0.len() != before
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, SubOptions, u32)> {
+        self.0.iter().map(|(f, o, id)| (&**f, *o, *id))
+    }
+}
+
 /// A will as the session keeps it until it is published or dropped.
 #[derive(Debug, Clone)]
 pub struct StoredWill {
@@ -246,7 +284,7 @@ pub struct Session {
     /// Session Expiry Interval in seconds: 0 ends with the connection.
     pub expiry: u32,
     /// Filters as the client wrote them.
-    pub subscriptions: BTreeMap<Box<str>, (SubOptions, u32)>,
+    pub subscriptions: Subscriptions,
     pub queue: VecDeque<Queued>,
     pub inflight: VecDeque<Inflight>,
     /// Packet ids of QoS 2 publishes from the client awaiting PUBREL.
@@ -321,7 +359,7 @@ impl Session {
             kind,
             level,
             expiry: 0,
-            subscriptions: BTreeMap::new(),
+            subscriptions: Subscriptions::default(),
             queue: VecDeque::new(),
             inflight: VecDeque::new(),
             incoming_qos2: Vec::new(),
@@ -438,7 +476,7 @@ impl Session {
         window: usize,
         room: usize,
         now: Instant,
-        allowed: &mut dyn FnMut(&Message) -> bool,
+        allowed: &mut dyn FnMut(&Queued) -> bool,
         out: &mut Vec<Outgoing>,
         gone: &mut Vec<Queued>,
     ) -> Taken {
@@ -461,7 +499,7 @@ impl Session {
                 gone.push(q);
                 continue;
             }
-            if !allowed(&q.msg) {
+            if !allowed(&q) {
                 taken.withheld += 1;
                 gone.push(q);
                 continue;

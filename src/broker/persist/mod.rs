@@ -186,8 +186,7 @@ fn restore(core: &mut Core, loaded: Loaded, clock: &Clock) -> (usize, usize, usi
                 },
             );
             if let Some(s) = core.sessions.get_mut(key) {
-                s.subscriptions
-                    .insert(filter.as_str().into(), (options, *id));
+                s.subscriptions.insert(filter, options, *id);
             }
         }
         core.restore_timers(key);
@@ -279,7 +278,7 @@ fn snapshot(s: &Session, clock: &Clock) -> StoredSession {
         filters: s
             .subscriptions
             .iter()
-            .map(|(f, (o, id))| (f.to_string(), o.to_byte(), *id))
+            .map(|(f, o, id)| (f.to_string(), o.to_byte(), id))
             .collect(),
     }
 }
@@ -319,8 +318,14 @@ fn find_row(s: &mut Session, id: u64) -> Option<(&mut Queued, Option<(u16, u8)>)
         .map(|q| (q, None))
 }
 
+/// While a will or a session expiry is pending, the state clock is written this often
+/// (with any commit, and on its own when nothing else is): after a `kill -9` or a power
+/// cut, at most this much of the gateway's running time before it is not counted (a will
+/// or an expiry comes that much late, never early). Idle otherwise: no writes.
+const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
+
 /// When the writer must commit next (None: nothing waits).
-fn next_due(core: &Core) -> Option<Instant> {
+fn next_due(core: &Core, clock_saved: Instant) -> Option<Instant> {
     let j = &core.journal;
     if !j.deletes.is_empty() {
         return Some(Instant::now());
@@ -328,13 +333,14 @@ fn next_due(core: &Core) -> Option<Instant> {
     let interval = core.limits.commit_interval;
     let since = j.since.map(|t| t + interval);
     let queued = j.unwritten.front().map(|(t, _, _)| *t + interval);
-    since.into_iter().chain(queued).min()
+    let clock = (!core.timers.is_empty()).then(|| clock_saved + CLOCK_SAVE_EVERY);
+    since.into_iter().chain(queued).chain(clock).min()
 }
 
 /// The writer thread: waits for work, commits what is due, until every handle is gone.
 fn run(shared: Arc<Shared>, mut store: Store, rx: Receiver<WriterMsg>) {
     loop {
-        let due = next_due(&shared.lock());
+        let due = next_due(&shared.lock(), store.saved_at);
         let first = match due {
             None => match rx.recv() {
                 Ok(msg) => msg,
@@ -363,8 +369,9 @@ fn commit(shared: &Shared, store: &mut Store, all: bool) {
     let mut batch = Batch::default();
     let mut written: Vec<(Arc<str>, u64)> = Vec::new();
     let mut hashes: Vec<(Arc<str>, u64)> = Vec::new();
-    {
+    let clock_due = {
         let mut core = shared.lock();
+        let clock_due = !core.timers.is_empty() && store.saved_at + CLOCK_SAVE_EVERY <= now;
         let interval = core.limits.commit_interval;
         let due = |t: Instant| all || t + interval <= now;
         if core.journal.since.is_some_and(due) {
@@ -441,8 +448,9 @@ fn commit(shared: &Shared, store: &mut Store, all: bool) {
             }
         }
         batch.queued_delete = std::mem::take(&mut core.journal.deletes);
-    }
-    if batch.is_empty() {
+        clock_due
+    };
+    if batch.is_empty() && !clock_due {
         return;
     }
     let result = store.commit(&batch);

@@ -16,6 +16,8 @@ use tracing::error;
 pub struct Store {
     db: Connection,
     pub clock: Clock,
+    /// When the clock was last written (with every commit).
+    pub saved_at: Instant,
 }
 
 /// The state clock: milliseconds of gateway running time, persisted across restarts.
@@ -213,6 +215,7 @@ impl Store {
                     base_ms,
                     start: Instant::now(),
                 },
+                saved_at: Instant::now(),
             },
             loaded,
         ))
@@ -303,7 +306,9 @@ impl Store {
         }
         tx.prepare_cached("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_ms', ?1)")?
             .execute([self.clock.now_ms() as i64])?;
-        tx.commit()
+        tx.commit()?;
+        self.saved_at = Instant::now();
+        Ok(())
     }
 }
 
