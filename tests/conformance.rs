@@ -51,10 +51,8 @@ enum Process {
         conf: PathBuf,
         log: PathBuf,
     },
-    Gateway {
-        _cloud: support::Mosquitto,
-        gateway: support::Gateway,
-    },
+    /// Boxed: a gateway and its cloud are much larger than a mosquitto child.
+    Gateway(Box<(support::Mosquitto, support::Gateway)>),
 }
 
 struct Target {
@@ -127,10 +125,7 @@ impl Target {
         gateway.wait_ready();
         Target {
             port,
-            process: Process::Gateway {
-                _cloud: cloud,
-                gateway,
-            },
+            process: Process::Gateway(Box::new((cloud, gateway))),
         }
     }
 
@@ -146,7 +141,8 @@ impl Target {
                     wait_accepting(self.port, log);
                 }
             }
-            Process::Gateway { gateway, .. } => {
+            Process::Gateway(peers) => {
+                let gateway = &mut peers.1;
                 if let Some(status) = gateway.try_exit() {
                     eprintln!(
                         "conformance: the gateway exited ({status}) in an earlier test; restarting"

@@ -547,7 +547,9 @@ impl Core {
                 self.publish_will(s.instance, will, now, wake);
             }
         }
-        if self.persist && (s.persistent() || self.journal.sessions.contains(&s.client_id)) {
+        // Its row goes if it was ever written (a DISCONNECT may have set its expiry to 0).
+        let written = s.stored != 0 || self.journal.sessions.contains(&s.client_id);
+        if self.persist && (s.persistent() || written) {
             self.journal.ended.insert(s.client_id.clone());
             self.journal_change(now);
         }

@@ -57,7 +57,7 @@ fn a_minimal_file_gets_every_default() {
             },
             persistence: Persistence {
                 max_retained_size: 16 << 20,
-                max_queued_messages: 1000,
+                max_queued_messages: 10_000,
                 max_queued_bytes: 8 << 20,
             },
         },
@@ -401,7 +401,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 26);
+    assert_eq!(uncommented_keys, 27);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }
