@@ -33,7 +33,6 @@ pub struct Accepted {
     pub client_id: Arc<str>,
     pub username: Option<String>,
     pub protocol: Protocol,
-    pub keep_alive: u16,
     /// The client's Maximum Packet Size.
     pub client_max_packet: usize,
     /// The client's Topic Alias Maximum.
@@ -328,7 +327,7 @@ async fn open<W: AsyncWrite + Unpin>(
             broker.log_denied(peer, &client_id, "will", w.topic);
             return None;
         }
-        Some(StoredWill {
+        Some(Box::new(StoredWill {
             topic: w.topic.into(),
             payload: Bytes::copy_from_slice(w.payload),
             qos: w.qos,
@@ -336,9 +335,9 @@ async fn open<W: AsyncWrite + Unpin>(
             props: Bytes::from(w.props.forwarded()),
             delay: w.props.will_delay.unwrap_or(0),
             expiry: w.props.message_expiry,
-        })
+        }))
     });
-    let signal = Arc::new(Signal::default());
+    let signal = Arc::new(Signal::with_keep_alive(connect.keep_alive));
     let conn_id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let settings = broker.settings.load_full();
     let mut wake = Vec::new();
@@ -409,7 +408,6 @@ async fn open<W: AsyncWrite + Unpin>(
         client_id,
         username,
         protocol,
-        keep_alive: connect.keep_alive,
         client_max_packet: connect
             .props
             .maximum_packet_size

@@ -67,8 +67,6 @@ pub enum Close {
     Packet(#[from] PacketError),
     #[error("{what}")]
     Protocol { what: &'static str, reason: u8 },
-    #[error("no packet within 1.5 times the keep alive")]
-    KeepAlive,
     #[error("the outbox has stopped")]
     Outbox,
     #[error("told to go (MQTT 5 reason {0:#04x})")]
@@ -88,7 +86,6 @@ impl Close {
         match self {
             Close::Packet(e) => Some(e.reason_code()),
             Close::Protocol { reason, .. } => Some(*reason),
-            Close::KeepAlive => Some(reason::KEEP_ALIVE_TIMEOUT),
             Close::Outbox => Some(reason::SERVER_SHUTTING_DOWN),
             Close::Kicked(reason) => Some(*reason),
             Close::Peer | Close::Disconnect | Close::Io(_) => None,
@@ -110,12 +107,14 @@ pub async fn serve<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
-    let settings = broker.settings.load_full();
-    let mut framer = Framer::new(settings.max_packet, broker.budget.clone());
+    let max_packet = broker.settings.load().max_packet;
+    let mut framer = Framer::new(max_packet, broker.budget.clone());
     let mut permit = Some(permit);
     // Boxed: once the CONNECT is handled, its state is freed (an idle connection stays
     // small).
-    let accepted = Box::pin(connect::accept(
+    // (A statement of its own: a temporary lives to the end of its statement, and the
+    // task would keep room for the unboxed future across the await.)
+    let accept = Box::pin(connect::accept(
         &broker,
         &mut reader,
         &mut writer,
@@ -124,19 +123,34 @@ pub async fn serve<S>(
         certificate,
         deadline,
         &mut permit,
-    ))
-    .await;
-    let accepted = match accepted {
-        Ok(accepted) => accepted,
+    ));
+    let accepted = accept.await;
+    let conn = match accepted {
+        Ok(accepted) => Box::new(Connection::new(broker, accepted, peer)),
         Err(refused) => {
             broker.refused(peer, &refused);
             let _ = tokio::time::timeout(CLOSE_TIMEOUT, writer.shutdown()).await;
             return;
         }
     };
-    let mut conn = Box::new(Connection::new(broker.clone(), accepted, peer));
+    session(conn, reader, writer, framer, permit).await
+}
+
+/// The connection after its CONNACK, until it ends. Everything it needs is moved in, so
+/// the task holds one copy of it.
+async fn session<S>(
+    mut conn: Box<Connection>,
+    mut reader: ReadHalf<S>,
+    mut writer: WriteHalf<S>,
+    mut framer: Framer,
+    permit: Option<Permit>,
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let end = conn.run(&mut reader, &mut writer, &mut framer).await;
-    Box::pin(conn.finish(&end, &mut reader, &mut writer)).await;
+    drop(framer);
+    let finish = Box::pin(conn.finish(&end, &mut reader, &mut writer));
+    finish.await;
     drop(permit);
 }
 
@@ -200,9 +214,6 @@ struct Connection {
     signal: Arc<Signal>,
     protocol: Protocol,
     peer: SocketAddr,
-    /// 1.5 times the keep alive; None for keep alive 0.
-    keep_alive: Option<Duration>,
-    last_packet: Instant,
     out: Vec<u8>,
     written: usize,
     /// The client's Maximum Packet Size.
@@ -259,9 +270,6 @@ impl Connection {
             signal: a.signal,
             protocol: a.protocol,
             peer,
-            keep_alive: (a.keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(a.keep_alive) * 1500)),
-            last_packet: Instant::now(),
             out: Vec::new(),
             written: 0,
             client_max_packet: a.client_max_packet,
@@ -304,14 +312,14 @@ impl Connection {
         self.resend();
         self.deliver();
         // The CONNECT may have come with more packets behind it.
-        if let Err(e) = self.process(framer).await {
+        let first = Box::pin(self.process(framer));
+        if let Err(e) = first.await {
             return e;
         }
         loop {
             if let Some(reason) = self.signal.kicked() {
                 return Close::Kicked(reason);
             }
-            let keep_alive = self.keep_alive.map(|ka| self.last_packet + ka);
             let unwritten = self.out.len() - self.written;
             let room = unwritten < OUT_HIGH_WATER;
             let pending = unwritten > 0;
@@ -321,10 +329,11 @@ impl Connection {
                 read = read_into(reader, framer), if readable => match read {
                     Ok(0) => return Close::Peer,
                     Ok(_) => {
-                        self.last_packet = Instant::now();
+                        self.signal.touch();
                         // Boxed: an idle connection's task must not carry the largest
                         // state it could be in.
-                        if let Err(e) = Box::pin(self.process(framer)).await {
+                        let processing = Box::pin(self.process(framer));
+                        if let Err(e) = processing.await {
                             return e;
                         }
                     }
@@ -347,11 +356,6 @@ impl Connection {
                     Err(e) => return Close::Io(e),
                 },
                 _ = self.signal.notify.notified(), if room => self.deliver(),
-                _ = sleep_until_some(keep_alive) => {
-                    if keep_alive.is_some_and(|at| Instant::now() >= at) {
-                        return Close::KeepAlive;
-                    }
-                }
             }
         }
     }
@@ -989,12 +993,4 @@ fn largest_delivery(q: &Queued, v5: bool, aliases: bool, now: std::time::Instant
         payload: &q.msg.payload,
     }
     .size(v5)
-}
-
-/// Sleeps until `at`, or forever.
-async fn sleep_until_some(at: Option<Instant>) {
-    match at {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
-    }
 }

@@ -84,7 +84,7 @@ pub struct Open {
     pub clean_start: bool,
     /// Session Expiry Interval (MQTT 3.1.1 clean session 0: never).
     pub expiry: u32,
-    pub will: Option<StoredWill>,
+    pub will: Option<Box<StoredWill>>,
     pub receive_max: u16,
     pub conn: ConnLink,
 }
@@ -557,7 +557,14 @@ impl Core {
     }
 
     /// Publishes a will (its ACL was checked when the client connected).
-    fn publish_will(&mut self, instance: u64, will: StoredWill, now: Instant, wake: &mut Wake) {
+    fn publish_will(
+        &mut self,
+        instance: u64,
+        will: Box<StoredWill>,
+        now: Instant,
+        wake: &mut Wake,
+    ) {
+        let will = *will;
         let msg = Arc::new(Message {
             topic: will.topic,
             payload: will.payload,
@@ -728,6 +735,17 @@ impl Core {
         key
     }
 
+    /// Tells the connections whose clients went silent past their keep alive to go.
+    pub fn sweep_keep_alives(&self) {
+        for (_, s) in self.sessions.iter() {
+            if let (Some(conn), SessionKind::Device) = (&s.conn, s.kind) {
+                if conn.signal.silent() {
+                    conn.signal.kick(super::codec::reason::KEEP_ALIVE_TIMEOUT);
+                }
+            }
+        }
+    }
+
     /// Status gauges: retained messages and their bytes, persistent sessions, messages
     /// queued for them.
     pub fn gauges(&self) -> (u64, u64, u64, u64) {
@@ -872,7 +890,7 @@ mod tests {
         assert!(c.sessions.get(b.key).unwrap().online());
         let (w, _) = open(&mut c, "w", true, 60);
         sub(&mut c, w.key, "wills/#", 1);
-        c.sessions.get_mut(b.key).unwrap().will = Some(StoredWill {
+        c.sessions.get_mut(b.key).unwrap().will = Some(Box::new(StoredWill {
             topic: "wills/a".into(),
             payload: Bytes::from_static(b"gone"),
             qos: 1,
@@ -880,7 +898,7 @@ mod tests {
             props: Bytes::new(),
             delay: 5,
             expiry: None,
-        });
+        }));
         let id = open_id(&c, b.key);
         c.close(b.key, id, Ending::WithWill, None, &mut Vec::new());
         assert_eq!(c.sessions.get(w.key).unwrap().queue.len(), 0);

@@ -228,12 +228,12 @@ impl Shared {
     pub(crate) fn ended(&self, peer: SocketAddr, client_id: &str, end: &Close) {
         let c = &self.health.counters;
         match end {
-            Close::Peer | Close::Disconnect | Close::Kicked(_) | Close::Outbox | Close::Io(_) => {
-                debug!(%peer, client_id, reason = %end, "device disconnected");
+            Close::Kicked(codec::reason::KEEP_ALIVE_TIMEOUT) => {
+                inc(&c.keepalive_timeouts);
+                debug!(%peer, client_id, "device disconnected: nothing came within 1.5 times its keep alive");
                 return;
             }
-            Close::KeepAlive => {
-                inc(&c.keepalive_timeouts);
+            Close::Peer | Close::Disconnect | Close::Kicked(_) | Close::Outbox | Close::Io(_) => {
                 debug!(%peer, client_id, reason = %end, "device disconnected");
                 return;
             }
@@ -305,8 +305,9 @@ impl Shared {
     }
 }
 
-/// How often the retained store and the status gauges are looked after.
-const HOUSEKEEPING: Duration = Duration::from_secs(1);
+/// How often keep alives are checked and the retained store and the status gauges are
+/// looked after: a silent client is closed within 1.5 times its keep alive plus this.
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
 
 /// Publishes wills whose delay passed and ends sessions whose expiry passed, hands what
 /// they published to the intake, drops expired retained messages and updates the status
@@ -354,6 +355,7 @@ pub async fn run_timers(
 fn housekeep(shared: &Shared) {
     let now = std::time::Instant::now();
     let mut core = shared.lock();
+    core.sweep_keep_alives();
     let gone = core.retained.expire(now);
     if core.persist && !gone.is_empty() {
         for topic in gone {

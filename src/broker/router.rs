@@ -85,21 +85,17 @@ struct Group {
     next: usize,
 }
 
-#[derive(Debug, Default)]
-struct Entries {
-    subs: Vec<Sub>,
-    groups: Vec<Group>,
+/// The subscriptions that end at one place of the tree: plain ones and shared groups.
+struct Entries<'a> {
+    subs: &'a mut Vec<Sub>,
+    groups: &'a mut Vec<Group>,
 }
 
-impl Entries {
-    fn is_empty(&self) -> bool {
-        self.subs.is_empty() && self.groups.is_empty()
-    }
-
+impl Entries<'_> {
     /// Adds or replaces the session's subscription; true if it replaced one.
-    fn insert(&mut self, group: Option<&str>, sub: Sub) -> bool {
+    fn insert(self, group: Option<&str>, sub: Sub) -> bool {
         let list = match group {
-            None => &mut self.subs,
+            None => self.subs,
             Some(name) => {
                 let i = match self.groups.iter().position(|g| &*g.name == name) {
                     Some(i) => i,
@@ -127,7 +123,7 @@ impl Entries {
         }
     }
 
-    fn remove(&mut self, group: Option<&str>, session: SessionKey) -> bool {
+    fn remove(self, group: Option<&str>, session: SessionKey) -> bool {
         match group {
             None => {
                 let before = self.subs.len();
@@ -152,9 +148,9 @@ impl Entries {
 
     /// Every plain subscription, and one member of each group: the next in turn that
     /// `available` accepts, else the next in turn.
-    fn collect(&mut self, out: &mut Vec<Matched>, available: &impl Fn(SessionKey) -> bool) {
+    fn collect(self, out: &mut Vec<Matched>, available: &impl Fn(SessionKey) -> bool) {
         out.extend(self.subs.iter().map(|&sub| Matched { sub, shared: false }));
-        for group in &mut self.groups {
+        for group in self.groups.iter_mut() {
             let n = group.members.len();
             let start = group.next % n;
             let pick = (0..n)
@@ -170,23 +166,76 @@ impl Entries {
     }
 }
 
+/// What few nodes have: `#` subscriptions and shared groups.
+#[derive(Debug, Default)]
+struct Rare {
+    /// Filters that end with `#` after this node (`a/#` at the node of `a`).
+    multi: Vec<Sub>,
+    exact_groups: Vec<Group>,
+    multi_groups: Vec<Group>,
+}
+
+impl Rare {
+    fn is_empty(&self) -> bool {
+        self.multi.is_empty() && self.exact_groups.is_empty() && self.multi_groups.is_empty()
+    }
+}
+
+/// One level of the tree. Small (most nodes are leaves with one subscription): what only
+/// some nodes need is boxed.
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    /// Boxed: an empty map is 48 bytes, in every leaf.
+    #[allow(clippy::box_collection)]
+    children: Option<Box<HashMap<Box<str>, Node>>>,
     /// The `+` level.
     plus: Option<Box<Node>>,
-    /// Filters that end at this node.
-    exact: Entries,
-    /// Filters that end with `#` after this node (`a/#` at the node of `a`).
-    multi: Entries,
+    /// Plain filters that end at this node.
+    exact: Vec<Sub>,
+    rare: Option<Box<Rare>>,
 }
 
 impl Node {
     fn is_empty(&self) -> bool {
-        self.children.is_empty()
+        self.children.as_ref().is_none_or(|c| c.is_empty())
             && self.plus.is_none()
             && self.exact.is_empty()
-            && self.multi.is_empty()
+            && self.rare.as_ref().is_none_or(|r| r.is_empty())
+    }
+
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
+
+    /// The filters that end here, to change them.
+    fn exact_entries(&mut self) -> Entries<'_> {
+        let rare = self.rare.get_or_insert_with(Default::default);
+        Entries {
+            subs: &mut self.exact,
+            groups: &mut rare.exact_groups,
+        }
+    }
+
+    fn multi_entries(&mut self) -> Entries<'_> {
+        let rare = self.rare();
+        Entries {
+            subs: &mut rare.multi,
+            groups: &mut rare.multi_groups,
+        }
+    }
+
+    /// Gives back the rare part once it is empty.
+    fn tidy(&mut self) {
+        if self.rare.as_ref().is_some_and(|r| r.is_empty()) {
+            self.rare = None;
+        }
+        if self.children.as_ref().is_some_and(|c| c.is_empty()) {
+            self.children = None;
+        }
+    }
+
+    fn child_mut(&mut self, name: &str) -> Option<&mut Node> {
+        self.children.as_mut()?.get_mut(name)
     }
 }
 
@@ -218,18 +267,33 @@ impl Router {
     /// filter); true if it replaced one.
     pub fn insert(&mut self, filter: Filter<'_>, sub: Sub) -> bool {
         let mut node = &mut self.root;
-        let mut levels = filter.levels.split('/').peekable();
-        let entries = loop {
+        let mut levels = filter.levels.split('/');
+        let multi = loop {
             let Some(level) = levels.next() else {
-                break &mut node.exact;
+                break false;
             };
             match level {
-                "#" => break &mut node.multi,
+                "#" => break true,
                 "+" => node = node.plus.get_or_insert_with(Default::default),
-                name => node = node.children.entry(name.into()).or_default(),
+                name => {
+                    node = node
+                        .children
+                        .get_or_insert_with(Default::default)
+                        .entry(name.into())
+                        .or_default()
+                }
             }
         };
-        let replaced = entries.insert(filter.group, sub);
+        let replaced = match (multi, filter.group) {
+            (false, None) => Entries {
+                subs: &mut node.exact,
+                groups: &mut Vec::new(),
+            }
+            .insert(None, sub),
+            (false, group) => node.exact_entries().insert(group, sub),
+            (true, group) => node.multi_entries().insert(group, sub),
+        };
+        node.tidy();
         if !replaced {
             self.count += 1;
         }
@@ -271,18 +335,29 @@ fn walk(
 ) {
     // [MQTT-4.7.2-1]: a wildcard in the first level does not match a `$` topic.
     let wildcards = !(at_root && dollar);
-    if wildcards {
-        node.multi.collect(out, available);
+    if let (true, Some(rare)) = (wildcards, node.rare.as_deref_mut()) {
+        Entries {
+            subs: &mut rare.multi,
+            groups: &mut rare.multi_groups,
+        }
+        .collect(out, available);
     }
     let Some(rest) = rest else {
-        node.exact.collect(out, available);
+        out.extend(node.exact.iter().map(|&sub| Matched { sub, shared: false }));
+        if let Some(rare) = node.rare.as_deref_mut() {
+            Entries {
+                subs: &mut Vec::new(),
+                groups: &mut rare.exact_groups,
+            }
+            .collect(out, available);
+        }
         return;
     };
     let (level, next) = match rest.split_once('/') {
         Some((level, next)) => (level, Some(next)),
         None => (rest, None),
     };
-    if let Some(child) = node.children.get_mut(level) {
+    if let Some(child) = node.child_mut(level) {
         walk(child, next, false, dollar, out, available);
     }
     if wildcards {
@@ -297,15 +372,15 @@ fn remove_at(node: &mut Node, levels: &str, group: Option<&str>, session: Sessio
         Some((level, rest)) => (level, Some(rest)),
         None => (levels, None),
     };
-    match (level, rest) {
-        ("#", _) => node.multi.remove(group, session),
+    let removed = match (level, rest) {
+        ("#", _) => node.multi_entries().remove(group, session),
         ("+", rest) => {
             let Some(plus) = node.plus.as_deref_mut() else {
                 return false;
             };
             let removed = match rest {
                 Some(rest) => remove_at(plus, rest, group, session),
-                None => plus.exact.remove(group, session),
+                None => remove_here(plus, group, session),
             };
             if plus.is_empty() {
                 node.plus = None;
@@ -313,19 +388,37 @@ fn remove_at(node: &mut Node, levels: &str, group: Option<&str>, session: Sessio
             removed
         }
         (name, rest) => {
-            let Some(child) = node.children.get_mut(name) else {
+            let Some(child) = node.child_mut(name) else {
                 return false;
             };
             let removed = match rest {
                 Some(rest) => remove_at(child, rest, group, session),
-                None => child.exact.remove(group, session),
+                None => remove_here(child, group, session),
             };
             if child.is_empty() {
-                node.children.remove(name);
+                if let Some(children) = node.children.as_mut() {
+                    children.remove(name);
+                }
             }
             removed
         }
-    }
+    };
+    node.tidy();
+    removed
+}
+
+/// Removes a filter that ends at `node`.
+fn remove_here(node: &mut Node, group: Option<&str>, session: SessionKey) -> bool {
+    let removed = match group {
+        None => Entries {
+            subs: &mut node.exact,
+            groups: &mut Vec::new(),
+        }
+        .remove(None, session),
+        group => node.exact_entries().remove(group, session),
+    };
+    node.tidy();
+    removed
 }
 
 #[cfg(test)]

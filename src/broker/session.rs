@@ -5,7 +5,7 @@
 //! broker's core; a connection reaches its session by [`SessionKey`].
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,7 +35,8 @@ impl SessionKey {
 /// The sessions, in slots that are reused.
 #[derive(Debug, Default)]
 pub struct Sessions {
-    slots: Vec<(u32, Option<Session>)>,
+    /// Boxed: the slots grow by doubling, and an empty one costs little.
+    slots: Vec<(u32, Option<Box<Session>>)>,
     free: Vec<u32>,
     len: usize,
 }
@@ -47,11 +48,11 @@ impl Sessions {
             Some(index) => {
                 let slot = &mut self.slots[index as usize];
                 slot.0 = slot.0.wrapping_add(1);
-                slot.1 = Some(session);
+                slot.1 = Some(Box::new(session));
                 SessionKey::new(index, slot.0)
             }
             None => {
-                self.slots.push((0, Some(session)));
+                self.slots.push((0, Some(Box::new(session))));
                 SessionKey::new(self.slots.len() as u32 - 1, 0)
             }
         }
@@ -79,7 +80,7 @@ impl Sessions {
         let session = slot.1.take()?;
         self.free.push(key.index);
         self.len -= 1;
-        Some(session)
+        Some(*session)
     }
 
     pub fn len(&self) -> usize {
@@ -94,7 +95,7 @@ impl Sessions {
         self.slots
             .iter()
             .enumerate()
-            .filter_map(|(i, (g, s))| s.as_ref().map(|s| (SessionKey::new(i as u32, *g), s)))
+            .filter_map(|(i, (g, s))| s.as_deref().map(|s| (SessionKey::new(i as u32, *g), s)))
     }
 
     pub fn keys(&self) -> Vec<SessionKey> {
@@ -102,15 +103,47 @@ impl Sessions {
     }
 }
 
-/// How a connection is told that something is waiting for it, or that it must go.
+/// How a connection is told that something is waiting for it, or that it must go; and
+/// how the broker's housekeeping sees that it went silent (its keep alive).
 #[derive(Debug, Default)]
 pub struct Signal {
     pub notify: Notify,
     /// 0, or the MQTT 5 reason code of the DISCONNECT the connection must end with.
     kick: AtomicU8,
+    /// 1.5 times the client's keep alive, in ms (0: none).
+    silence_ms: AtomicU64,
+    /// When a packet last came, in ms of the process's monotonic clock.
+    last_read_ms: AtomicU64,
+}
+
+/// Milliseconds since the process started (monotonic).
+fn now_ms() -> u64 {
+    crate::health::process_start().elapsed().as_millis() as u64
 }
 
 impl Signal {
+    /// The signal of a connection whose client asked for `keep_alive` seconds.
+    pub fn with_keep_alive(keep_alive: u16) -> Signal {
+        let signal = Signal::default();
+        signal
+            .silence_ms
+            .store(u64::from(keep_alive) * 1500, Ordering::Relaxed);
+        signal.touch();
+        signal
+    }
+
+    /// A packet came.
+    pub fn touch(&self) {
+        self.last_read_ms.store(now_ms(), Ordering::Relaxed);
+    }
+
+    /// Whether the client was silent longer than 1.5 times its keep alive
+    /// ([MQTT-3.1.2-24]).
+    pub fn silent(&self) -> bool {
+        let silence = self.silence_ms.load(Ordering::Relaxed);
+        silence > 0 && now_ms().saturating_sub(self.last_read_ms.load(Ordering::Relaxed)) > silence
+    }
+
     pub fn kick(&self, reason: u8) {
         let _ = self
             .kick
@@ -290,7 +323,8 @@ pub struct Session {
     /// Packet ids of QoS 2 publishes from the client awaiting PUBREL.
     pub incoming_qos2: Vec<u16>,
     pub conn: Option<ConnLink>,
-    pub will: Option<StoredWill>,
+    /// Boxed: most sessions have none.
+    pub will: Option<Box<StoredWill>>,
     /// When a will waiting for its delay is published.
     pub will_at: Option<Instant>,
     pub offline_since: Option<Instant>,

@@ -158,7 +158,7 @@ fn restore(core: &mut Core, loaded: Loaded, clock: &Clock) -> (usize, usize, usi
         // A will waits only if its connection had ended; one of a connection the restart
         // cut is not published.
         if let (Some(will), Some(at)) = (&stored.will, stored.will_at) {
-            session.will = Some(StoredWill {
+            session.will = Some(Box::new(StoredWill {
                 topic: will.topic.as_str().into(),
                 payload: will.payload.clone(),
                 qos: will.qos,
@@ -166,7 +166,7 @@ fn restore(core: &mut Core, loaded: Loaded, clock: &Clock) -> (usize, usize, usi
                 props: will.props.clone(),
                 delay: will.delay,
                 expiry: will.expiry,
-            });
+            }));
             session.will_at = Some(clock.instant(at));
         }
         session.stored = hash_of(&stored);
