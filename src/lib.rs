@@ -148,7 +148,6 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         uplink::Uplink {
             cloud: cloud.clone(),
             outbox: outbox.clone(),
-            report_every: (config.queue.commit_interval / 4).min(Duration::from_millis(50)),
             health: health.clone(),
             shutdown: shutdown.clone(),
             control: rx.cloud_control(liveness.probe("uplink")),

@@ -404,7 +404,7 @@ impl Core {
                 // delay (MQTT 5 3.1.2.5); a session that ends publishes it at once.
                 let cancelled = !open.clean_start && (pending.is_some() || will.delay > 0);
                 if !cancelled {
-                    self.publish_will(instance, will, now, wake);
+                    self.publish_will(instance, *will, now, wake);
                 }
             }
             if let Some(old) = old_conn {
@@ -485,7 +485,7 @@ impl Core {
         let (session_expiry, instance) = (s.expiry, s.instance);
         if let (Some(will), Ending::WithWill) = (will, ending) {
             match will.delay == 0 || session_expiry == 0 {
-                true => self.publish_will(instance, will, now, wake),
+                true => self.publish_will(instance, *will, now, wake),
                 false => {
                     let delay = will.delay.min(session_expiry);
                     let at = now + Duration::from_secs(u64::from(delay));
@@ -544,7 +544,7 @@ impl Core {
         }
         if let Some(will) = s.will.take() {
             if s.conn.is_none() {
-                self.publish_will(s.instance, will, now, wake);
+                self.publish_will(s.instance, *will, now, wake);
             }
         }
         // Its row goes if it was ever written (a DISCONNECT may have set its expiry to 0).
@@ -557,14 +557,7 @@ impl Core {
     }
 
     /// Publishes a will (its ACL was checked when the client connected).
-    fn publish_will(
-        &mut self,
-        instance: u64,
-        will: Box<StoredWill>,
-        now: Instant,
-        wake: &mut Wake,
-    ) {
-        let will = *will;
+    fn publish_will(&mut self, instance: u64, will: StoredWill, now: Instant, wake: &mut Wake) {
         let msg = Arc::new(Message {
             topic: will.topic,
             payload: will.payload,
@@ -598,7 +591,7 @@ impl Core {
                         _ => None,
                     };
                     if let Some((instance, will)) = will {
-                        self.publish_will(instance, will, now, wake);
+                        self.publish_will(instance, *will, now, wake);
                         self.session_changed(key, now);
                     }
                 }
