@@ -66,6 +66,11 @@ pub enum Refused {
     Protocol(&'static str),
     #[error("local.max_connections reached, or the gateway is stopping")]
     Busy,
+    #[error(
+        "the broker holds {} sessions already (online and offline); a new one is refused",
+        super::core::MAX_SESSIONS
+    )]
+    Sessions,
     #[error("connection lost: {0}")]
     Io(std::io::Error),
 }
@@ -362,6 +367,11 @@ async fn open<W: AsyncWrite + Unpin>(
         (opened, std::mem::take(&mut core.published))
     };
     wake_all(&mut wake);
+    let Some(opened) = opened else {
+        let code = if v5 { reason::QUOTA_EXCEEDED } else { 0x03 };
+        refuse(writer, protocol, code).await;
+        return Err(Refused::Sessions);
+    };
     broker.hand_over(published).await;
     let props = match v5 {
         true => Properties {

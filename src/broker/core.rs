@@ -96,6 +96,11 @@ pub struct Opened {
     pub present: bool,
 }
 
+/// Sessions the broker holds at most (online and offline, the gateway's own included):
+/// devices that connect with ever new client ids and clean session 0 must not make it
+/// grow without bound.
+pub const MAX_SESSIONS: usize = 100_000;
+
 /// Connections to wake once the core is unlocked.
 pub type Wake = Vec<Arc<Signal>>;
 
@@ -386,9 +391,13 @@ impl Core {
     }
 
     /// Takes a CONNECT: a new session, or the existing one resumed; a connection still on
-    /// it is told to go ([MQTT-3.1.4-3]).
-    pub fn open(&mut self, open: Open, wake: &mut Wake) -> Opened {
+    /// it is told to go ([MQTT-3.1.4-3]). None when a new session would be one more than
+    /// [`MAX_SESSIONS`].
+    pub fn open(&mut self, open: Open, wake: &mut Wake) -> Option<Opened> {
         let now = Instant::now();
+        if !self.by_client.contains_key(&open.client_id) && self.sessions.len() >= MAX_SESSIONS {
+            return None;
+        }
         let mut resumed = None;
         if let Some(&key) = self.by_client.get(&open.client_id) {
             let (old_conn, old_will, pending) = match self.sessions.get_mut(key) {
@@ -451,11 +460,11 @@ impl Core {
             self.timers.remove(&(at, Timer::Expiry, key));
         }
         self.session_changed(key, now);
-        Opened {
+        Some(Opened {
             key,
             instance,
             present,
-        }
+        })
     }
 
     /// A connection of the session ended. `expiry` is an MQTT 5 DISCONNECT's new Session
@@ -779,21 +788,23 @@ mod tests {
 
     fn open(core: &mut Core, client: &str, clean: bool, expiry: u32) -> (Opened, Arc<Signal>) {
         let signal = Arc::new(Signal::default());
-        let opened = core.open(
-            Open {
-                client_id: client.into(),
-                level: 5,
-                clean_start: clean,
-                expiry,
-                will: None,
-                receive_max: 10,
-                conn: ConnLink {
-                    id: core.next_instance + 100,
-                    signal: signal.clone(),
+        let opened = core
+            .open(
+                Open {
+                    client_id: client.into(),
+                    level: 5,
+                    clean_start: clean,
+                    expiry,
+                    will: None,
+                    receive_max: 10,
+                    conn: ConnLink {
+                        id: core.next_instance + 100,
+                        signal: signal.clone(),
+                    },
                 },
-            },
-            &mut Vec::new(),
-        );
+                &mut Vec::new(),
+            )
+            .expect("room for a session");
         (opened, signal)
     }
 

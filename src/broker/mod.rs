@@ -210,7 +210,8 @@ impl Shared {
             Refused::Packet(_) | Refused::Protocol(_) | Refused::ClientId(_) => {
                 inc(&c.malformed_packets)
             }
-            Refused::ReservedId(_) | Refused::AuthMethod(_) | Refused::Busy => {}
+            Refused::ReservedId(_) | Refused::AuthMethod(_) | Refused::Busy | Refused::Sessions => {
+            }
         }
         inc(&c.connections_refused);
         // Refused logins have their own budget of log lines: a flood of garbage must not

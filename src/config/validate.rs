@@ -467,10 +467,10 @@ fn downlink_rule(raw: &RawDownlink, mut s: Section) -> Option<DownlinkRule> {
     Some(rule)
 }
 
-/// Refuses the configs the broker cannot guard against: it cannot tell its own downlink
-/// publishes from a device's (no origin, no no-local), so a command whose topic also
-/// matches an uplink rule goes up again; if it lands under a downlink subscription, it
-/// comes back down, forever.
+/// Refuses configs that send a message around: what an uplink rule sends up would come
+/// back down under a downlink subscription as a command. (A command itself is never sent
+/// back up, whatever uplink rule matches its local topic: messages carry their origin; but
+/// a device's telemetry arriving as a command is never what such a config meant.)
 fn refuse_loops(
     uplink: &[Option<UplinkRule>],
     downlink: &[Option<DownlinkRule>],
