@@ -3,15 +3,23 @@
 
 use std::io::IsTerminal;
 
+use tracing_subscriber::filter::Targets;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
-use tracing_subscriber::{EnvFilter, Layer};
+use tracing_subscriber::Layer;
 
-const DEFAULT_FILTER: &str = "info";
+/// `RUST_LOG`: a level (`debug`), or `target=level` directives with an optional default
+/// (`info,bridgehead::broker=debug`); info when unset or not understood. (`Targets`, not
+/// `EnvFilter`: the same directives without a regular expression engine in the binary.)
+fn filter() -> Targets {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or_else(|| Targets::new().with_default(tracing::Level::INFO))
+}
 
 pub fn init() {
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_FILTER));
+    let filter = filter();
     let registry = tracing_subscriber::registry();
     let journald = std::env::var_os("JOURNAL_STREAM")
         .is_some()
