@@ -104,7 +104,7 @@ pub async fn serve<S>(
     permit: Permit,
     deadline: Instant,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (mut reader, mut writer) = tokio::io::split(stream);
     let max_packet = broker.settings.load().max_packet;
@@ -133,7 +133,9 @@ pub async fn serve<S>(
             return;
         }
     };
-    session(conn, reader, writer, framer, permit).await
+    // A task of its own: the one that read the CONNECT (with room for every state it
+    // could have been in) ends here, and an idle connection keeps only this one.
+    tokio::spawn(session(conn, reader, writer, framer, permit));
 }
 
 /// The connection after its CONNACK, until it ends. Everything it needs is moved in, so
@@ -145,7 +147,7 @@ async fn session<S>(
     mut framer: Framer,
     permit: Option<Permit>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let end = conn.run(&mut reader, &mut writer, &mut framer).await;
     drop(framer);
