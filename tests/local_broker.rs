@@ -77,6 +77,69 @@ async fn a_device_with_keepalive_0_connects_and_publishes() {
     assert_eq!(reading.payload, "21.6");
 }
 
+/// `local.max_keep_alive`: an MQTT 5 device asking for a longer keep alive (or none) is
+/// told the shorter one in CONNACK and held to it; an MQTT 3.1.1 device, which cannot be
+/// told, is refused with a log line naming the key; one within the bound is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_keep_alive_is_imposed_on_mqtt5_and_refused_on_3_1_1() {
+    use support::wire::{prop, Client, Connect, Packet, Recv};
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let gateway =
+        Gateway::start(GatewayConfig::new(cloud.port).set_str("local", "max_keep_alive", "2s"));
+    let port = gateway.local_port;
+
+    for asked in [0, 600] {
+        let id = format!("ka-v5-{asked}");
+        let (mut device, _, props) =
+            Client::connect_with(port, &Connect::new(5, &id).keep_alive(asked)).await;
+        assert_eq!(
+            props.int(prop::SERVER_KEEP_ALIVE),
+            Some(2),
+            "Server Keep Alive for an MQTT 5 device asking for {asked} s"
+        );
+        // Silent: closed after 1.5 times the server's keep alive, not the device's.
+        let silent = Instant::now();
+        loop {
+            match device.recv(Duration::from_secs(8)).await {
+                Recv::Closed => break,
+                Recv::Packet(Packet::Disconnect { reason, .. }) => assert_eq!(reason, 0x8D),
+                other => panic!("silent device with keep alive {asked}: {other:?}"),
+            }
+        }
+        let after = silent.elapsed();
+        assert!(
+            after >= Duration::from_millis(2900) && after < Duration::from_secs(6),
+            "closed after {after:?}; 1.5 x 2 s expected"
+        );
+    }
+    let (_within, _, props) =
+        Client::connect_with(port, &Connect::new(5, "ka-v5-1").keep_alive(1)).await;
+    assert_eq!(props.int(prop::SERVER_KEEP_ALIVE), None, "within the bound");
+
+    let (_v311, first) = Client::start(port, &Connect::new(4, "ka-v311").keep_alive(60)).await;
+    match first {
+        Recv::Packet(Packet::Connack { code, .. }) => assert_eq!(code, 0x02, "CONNACK code"),
+        other => panic!("MQTT 3.1.1 device asking for 60 s: {other:?}"),
+    }
+    let (_v311, _, _) =
+        Client::connect_with(port, &Connect::new(4, "ka-v311-ok").keep_alive(2)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !gateway.log().contains("local.max_keep_alive") {
+        assert!(
+            Instant::now() < deadline,
+            "no log line names local.max_keep_alive:\n{}",
+            gateway.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    gateway
+        .wait_status(Duration::from_secs(10), "the refusal counted", |s| {
+            support::counter(s, "connections_refused") >= 1
+        })
+        .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_late_subscriber_gets_the_retained_message() {
     let _serial = support::serial().await;

@@ -64,6 +64,11 @@ pub enum Refused {
     AuthMethod(String),
     #[error("{0}")]
     Protocol(&'static str),
+    #[error(
+        "keep alive {0} s (0: none) is longer than local.max_keep_alive ({1} s), which an \
+         MQTT 3.x client cannot be told"
+    )]
+    KeepAlive(u16, u16),
     #[error("local.max_connections reached, or the gateway is stopping")]
     Busy,
     #[error(
@@ -184,6 +189,13 @@ async fn judge(
             code(0x02, reason::CLIENT_ID_NOT_VALID),
             Refused::ReservedId(connect.client_id.to_owned()),
         ));
+    }
+    let max_keep_alive = broker.settings.load().max_keep_alive;
+    if let Some(max) = max_keep_alive.filter(|_| !v5) {
+        // MQTT 3.x has no way to tell a client a shorter keep alive (MQTT 5 is told).
+        if connect.keep_alive == 0 || connect.keep_alive > max {
+            return Err((Some(0x02), Refused::KeepAlive(connect.keep_alive, max)));
+        }
     }
     let assigned = connect.client_id.is_empty();
     if assigned {
@@ -342,9 +354,14 @@ async fn open<W: AsyncWrite + Unpin>(
             expiry: w.props.message_expiry,
         }))
     });
-    let signal = Arc::new(Signal::with_keep_alive(connect.keep_alive));
-    let conn_id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let settings = broker.settings.load_full();
+    // [MQTT-3.2.2-21]: a Server Keep Alive the client must use instead of its own.
+    let server_keep_alive = settings
+        .max_keep_alive
+        .filter(|max| v5 && (connect.keep_alive == 0 || connect.keep_alive > *max));
+    let keep_alive = server_keep_alive.unwrap_or(connect.keep_alive);
+    let signal = Arc::new(Signal::with_keep_alive(keep_alive));
+    let conn_id = broker.next_conn.fetch_add(1, Ordering::Relaxed);
     let mut wake = Vec::new();
     // The will of a connection this one took over is in `published`.
     let (opened, published) = {
@@ -379,6 +396,7 @@ async fn open<W: AsyncWrite + Unpin>(
             maximum_packet_size: u32::try_from(settings.max_packet).ok(),
             topic_alias_maximum: Some(settings.topic_alias_max).filter(|m| *m > 0),
             assigned_client_id: assigned.then_some(&*client_id),
+            server_keep_alive,
             ..Properties::default()
         },
         false => Properties::default(),

@@ -76,6 +76,8 @@ const MAX_INFLIGHT: u16 = 1000;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
     pub connect_timeout: Duration,
+    /// `local.max_keep_alive` in seconds.
+    pub max_keep_alive: Option<u16>,
     pub max_connections: usize,
     /// Largest packet a client may send (and is told in MQTT 5).
     pub max_packet: usize,
@@ -88,6 +90,7 @@ impl Settings {
     pub fn of(local: &LocalConfig) -> Self {
         Settings {
             connect_timeout: local.connect_timeout,
+            max_keep_alive: local.max_keep_alive,
             max_connections: local.max_connections,
             max_packet: local.max_payload + PACKET_OVERHEAD,
             max_subscriptions: local.security.max_subscriptions,
@@ -210,8 +213,11 @@ impl Shared {
             Refused::Packet(_) | Refused::Protocol(_) | Refused::ClientId(_) => {
                 inc(&c.malformed_packets)
             }
-            Refused::ReservedId(_) | Refused::AuthMethod(_) | Refused::Busy | Refused::Sessions => {
-            }
+            Refused::ReservedId(_)
+            | Refused::AuthMethod(_)
+            | Refused::KeepAlive(..)
+            | Refused::Busy
+            | Refused::Sessions => {}
         }
         inc(&c.connections_refused);
         // Refused logins have their own budget of log lines: a flood of garbage must not

@@ -184,7 +184,7 @@ impl ConfigDiff {
             rules: DeviceChanges::between(&old.rules, &new.rules, |r: &ThresholdRule| &r.name),
             local: {
                 let mut keys = changed_keys!(old.local, new.local, "local": listen, listen_v5,
-                    max_connections, connect_timeout);
+                    max_connections, connect_timeout, max_keep_alive);
                 let (o, n) = (&old.local.security, &new.local.security);
                 keys.extend(changed_keys!(o, n, "local": max_subscriptions));
                 if o.tls != n.tls {

@@ -239,6 +239,9 @@ pub struct LocalConfig {
     pub max_connections: usize,
     /// Time a new connection has to send its CONNECT (and finish its TLS handshake).
     pub connect_timeout: Duration,
+    /// Longest keep alive a client may ask for (MQTT 5 clients asking for more, or for
+    /// none, are told this one in CONNACK; MQTT 3.x clients are refused). None: any.
+    pub max_keep_alive: Option<u16>,
     /// Passwords, ACLs, TLS and per-client limits for devices.
     pub security: LocalSecurity,
     /// What `state.db` keeps of the local broker across restarts.

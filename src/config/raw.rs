@@ -39,6 +39,7 @@ pub struct RawLocal {
     pub max_payload: Option<Value>,
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<Value>,
+    pub max_keep_alive: Option<Value>,
     pub password_file: Option<String>,
     pub allow_anonymous: Option<bool>,
     pub acl_file: Option<String>,

@@ -257,6 +257,15 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
             defaults::CONNECT_TIMEOUT,
             at_least_ms(100),
         ),
+        max_keep_alive: raw.max_keep_alive.as_ref().map(|_| {
+            let keep_alive = s.duration(
+                "max_keep_alive",
+                &raw.max_keep_alive,
+                "1s",
+                Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX)),
+            );
+            u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX)
+        }),
         persistence: super::Persistence {
             max_retained_size: s.size(
                 "max_retained_size",
