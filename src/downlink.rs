@@ -1,27 +1,25 @@
 //! The command connection: its own client id and persistent session, so a telemetry burst
 //! never delays a command. Each command is published into the local broker at QoS 1 and
-//! acknowledged to the cloud only after the broker confirmed it and the hand-off is on disk.
+//! acknowledged to the cloud only after its hand-off completed (every QoS 1/2 subscriber
+//! acknowledged it, or it is held for an offline persistent session) and is on record.
 //!
-//! Commands are pipelined: each goes to the local broker as soon as it arrives, the broker's
-//! confirmations come back in order, the records of several hand-offs are written in one
-//! transaction by the recorder thread, and the cloud's PUBACKs go out in the order the
-//! commands came, each once its record is durable.
+//! Commands are pipelined: each goes to the local broker as soon as it arrives, hand-offs
+//! complete in any order, the records of several hand-offs are written in one transaction
+//! by the recorder thread, and the cloud's PUBACKs go out in the order the commands came,
+//! each once its record is durable.
 
 use std::collections::{HashSet, VecDeque};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use rumqttc::{
     AsyncClient, ConnectReturnCode, Event, EventLoop, Packet, Publish, QoS, SubscribeFilter,
 };
-use rumqttd::local::LinkError;
-use rumqttd::protocol::Packet as RouterPacket;
-use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::broker::Link;
+use crate::broker::internal::{Client, Publication, PublishError};
+use crate::broker::message::Completion;
 use crate::cloud::{error_chain, CloudLink};
 use crate::config::DownlinkRule;
 use crate::health::{inc, LinkState, RateLimit, SharedHealth};
@@ -35,15 +33,15 @@ const STABLE_AFTER: Duration = Duration::from_secs(10);
 
 /// Commands remembered as handed over, to recognise the cloud's redeliveries.
 const REMEMBERED: usize = 4096;
-/// A local broker that does not confirm a command in this time is stuck.
+/// A command whose subscribers have not all acknowledged it in this time is taken as
+/// handed over (it waits in their sessions): one subscriber that never acknowledges must
+/// not hold up every command behind it.
 const HANDOFF_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownlinkError {
-    #[error("the local broker did not confirm a command within {0:?}")]
-    HandoffTimeout(Duration),
-    #[error("the in-process link to the local broker failed: {0}")]
-    Link(String),
+    #[error("the local broker cannot take commands: {0}")]
+    Broker(#[from] PublishError),
 }
 
 pub struct Downlink {
@@ -51,9 +49,8 @@ pub struct Downlink {
     /// Where the record of handed-over commands is kept.
     pub data_dir: std::path::PathBuf,
     pub rules: Vec<DownlinkRule>,
-    pub link: Link,
-    /// Retained commands and commands for offline persistent sessions are kept there.
-    pub state: Option<crate::state::State>,
+    /// The downlink's client of the local broker.
+    pub client: Client,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
     /// New `[cloud]` settings (reconnect) and `[[downlink]]` rules (subscribe and
@@ -75,9 +72,9 @@ enum End {
 /// Where a command stands between the cloud's PUBLISH and our PUBACK.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stage {
-    /// Published into the local broker with this packet id; its PUBACK is awaited.
-    AtBroker(u16),
-    /// Confirmed by the broker; its record is not written yet.
+    /// Published into the local broker as hand-off `n`; its completion is awaited.
+    AtBroker(u64),
+    /// Handed over; its record is not written yet.
     Confirmed,
     /// Its record is in this recorder batch.
     Recording(u64),
@@ -95,20 +92,33 @@ struct Entry {
 }
 
 /// Commands in the order the cloud sent them, until their PUBACK goes out.
-#[derive(Default)]
 struct Pipeline {
     entries: VecDeque<Entry>,
-    pkid: u16,
+    handoffs: u64,
     batch: u64,
+    /// Where the broker reports completed hand-offs.
+    completions: mpsc::UnboundedSender<u64>,
+    completed: mpsc::UnboundedReceiver<u64>,
 }
 
 impl Pipeline {
-    fn next_pkid(&mut self) -> u16 {
-        self.pkid = self.pkid.checked_add(1).unwrap_or(1);
-        self.pkid
+    fn new() -> Self {
+        let (completions, completed) = mpsc::unbounded_channel();
+        Pipeline {
+            entries: VecDeque::new(),
+            handoffs: 0,
+            batch: 0,
+            completions,
+            completed,
+        }
     }
 
-    /// When the oldest command still at the broker must be confirmed by.
+    fn next_handoff(&mut self) -> u64 {
+        self.handoffs += 1;
+        self.handoffs
+    }
+
+    /// When the oldest command still at the broker is taken as handed over.
     fn handoff_deadline(&self) -> Option<tokio::time::Instant> {
         self.entries
             .iter()
@@ -116,14 +126,26 @@ impl Pipeline {
             .map(|e| tokio::time::Instant::from_std(e.since) + HANDOFF_TIMEOUT)
     }
 
-    /// The broker confirmed `pkid`: returns the command's key.
-    fn confirmed(&mut self, pkid: u16) -> Option<u64> {
+    /// Hand-off `n` completed: returns the command's key.
+    fn confirmed(&mut self, n: u64) -> Option<u64> {
         let entry = self
             .entries
             .iter_mut()
-            .find(|e| e.stage == Stage::AtBroker(pkid))?;
+            .find(|e| e.stage == Stage::AtBroker(n))?;
         entry.stage = Stage::Confirmed;
         Some(entry.key)
+    }
+
+    /// The hand-offs older than [`HANDOFF_TIMEOUT`]: taken as complete; returns their keys.
+    fn overdue(&mut self, now: Instant) -> Vec<u64> {
+        let mut keys = Vec::new();
+        for e in self.entries.iter_mut() {
+            if matches!(e.stage, Stage::AtBroker(_)) && now >= e.since + HANDOFF_TIMEOUT {
+                e.stage = Stage::Confirmed;
+                keys.push(e.key);
+            }
+        }
+        keys
     }
 
     /// Keys of the confirmed commands, now part of a new recorder batch.
@@ -153,12 +175,20 @@ impl Pipeline {
         }
     }
 
-    /// PUBACKs for the commands at the front that are done, in order.
+    /// PUBACKs for the commands at the front that are done, in order. One the client's
+    /// request queue has no room for stays at the front and is tried again on the next
+    /// turn of the loop (not dropped: the cloud would redeliver it).
     fn release(&mut self, client: &AsyncClient) {
-        while self.entries.front().is_some_and(|e| e.stage == Stage::Done) {
-            if let Some(publish) = self.entries.pop_front().and_then(|e| e.ack) {
-                let _ = client.try_ack(&publish);
+        while let Some(front) = self.entries.front() {
+            if front.stage != Stage::Done {
+                return;
             }
+            if let Some(publish) = &front.ack {
+                if client.try_ack(publish).is_err() {
+                    return;
+                }
+            }
+            self.entries.pop_front();
         }
     }
 
@@ -179,7 +209,7 @@ impl Downlink {
         let mut reconnect = self.cloud.reconnect();
         // Opening a database is blocking work: off the async workers.
         let mut handed = tokio::task::block_in_place(|| Handed::open(&self.data_dir, REMEMBERED));
-        let mut pipeline = Pipeline::default();
+        let mut pipeline = Pipeline::new();
         // Rules the cloud session may still hold subscriptions for, when they changed while
         // the link was down: the subscriptions are changed once it is up.
         let mut rules_before: Option<Vec<DownlinkRule>> = None;
@@ -253,6 +283,7 @@ impl Downlink {
     ) -> End {
         let mut up_at: Option<Instant> = None;
         let mut bad_log = RateLimit::new(Duration::from_secs(10));
+        let mut slow_log = RateLimit::new(Duration::from_secs(10));
         let was_up = |up_at: Option<Instant>| up_at.is_some_and(|t| t.elapsed() >= STABLE_AFTER);
         loop {
             if let Some((batch, keys)) = pipeline.start_batch() {
@@ -306,14 +337,23 @@ impl Downlink {
                     Ok(_) => {}
                     Err(e) => return End::Lost { error: error_chain(&e), was_up: was_up(up_at) },
                 },
-                next = self.link.next() => {
-                    if let Err(e) = self.on_broker(next, handed, pipeline) {
-                        return End::Fatal(e);
+                Some(n) = pipeline.completed.recv() => {
+                    if let Some(key) = pipeline.confirmed(n) {
+                        inc(&self.health.counters.commands_delivered);
+                        handed.remember(key);
                     }
                 }
                 Some(batch) = handed.done.recv() => pipeline.recorded(batch),
                 _ = tokio::time::sleep_until(deadline.unwrap_or_else(tokio::time::Instant::now)), if deadline.is_some() => {
-                    return End::Fatal(DownlinkError::HandoffTimeout(HANDOFF_TIMEOUT));
+                    let overdue = pipeline.overdue(Instant::now());
+                    if let Some(held) = slow_log.check() {
+                        warn!(commands = overdue.len(), earlier_warnings_suppressed = held,
+                            "a local subscriber did not acknowledge a command within {HANDOFF_TIMEOUT:?}; it waits in its session, and the cloud is acknowledged");
+                    }
+                    for key in overdue {
+                        inc(&self.health.counters.commands_unconfirmed);
+                        handed.remember(key);
+                    }
                 }
                 _ = self.shutdown.changed() => return End::Shutdown,
                 change = self.control.changed() => {
@@ -344,30 +384,6 @@ impl Downlink {
             SubscribeFilter::new(format!("{}{}", r.remote_prefix, r.topic), qos)
         });
         client.try_subscribe_many(filters)
-    }
-
-    /// A notification from the local broker: the confirmation of a hand-off.
-    fn on_broker(
-        &mut self,
-        next: Result<Option<Notification>, LinkError>,
-        handed: &mut Handed,
-        pipeline: &mut Pipeline,
-    ) -> Result<(), DownlinkError> {
-        let next = next.map_err(|e| DownlinkError::Link(e.to_string()))?;
-        // rumqttd does not export its Ack type; its Packet form is public.
-        match next.and_then(Option::<RouterPacket>::from) {
-            Some(RouterPacket::PubAck(ack, _)) => {
-                if let Some(key) = pipeline.confirmed(ack.pkid) {
-                    inc(&self.health.counters.commands_delivered);
-                    handed.remember(key);
-                }
-                Ok(())
-            }
-            Some(RouterPacket::Disconnect(..)) => {
-                Err(DownlinkError::Link("disconnected by the broker".into()))
-            }
-            _ => Ok(()),
-        }
     }
 
     async fn command(
@@ -414,23 +430,24 @@ impl Downlink {
             pipeline.entries.push_back(done(publish));
             return Ok(());
         };
-        let pkid = pipeline.next_pkid();
-        // Recorded for the persistent sessions it is queued for before the broker has it.
-        if let Some(state) = &self.state {
-            state.published(&local, &publish.payload, 1, publish.retain);
-        }
-        handoff(
-            &mut self.link,
-            &local,
-            publish.payload.clone(),
-            publish.retain,
-            pkid,
-        )
-        .await?;
+        let n = pipeline.next_handoff();
+        let completion = Completion {
+            done: pipeline.completions.clone(),
+            key: n,
+        };
+        self.client
+            .publish(Publication {
+                topic: local,
+                payload: publish.payload.clone(),
+                qos: 1,
+                retain: publish.retain,
+                completion: Some(completion),
+            })
+            .await?;
         pipeline.entries.push_back(Entry {
             ack: Some(publish),
             key,
-            stage: Stage::AtBroker(pkid),
+            stage: Stage::AtBroker(n),
             since: Instant::now(),
         });
         Ok(())
@@ -447,19 +464,6 @@ impl Downlink {
         let local = format!("{}{}", rule.local_prefix, rest);
         topics::valid_topic(&local).ok().map(|_| local)
     }
-}
-
-/// Publishes into the local broker at QoS 1; its PUBACK comes back on the link.
-async fn handoff(
-    link: &mut Link,
-    topic: &str,
-    payload: Bytes,
-    retain: bool,
-    pkid: u16,
-) -> Result<(), DownlinkError> {
-    link.publish(topic, payload, retain, Some(pkid))
-        .await
-        .map_err(|e| DownlinkError::Link(e.to_string()))
 }
 
 /// Commands recently handed over, by packet id, topic and payload, kept in `commands.db` in

@@ -118,31 +118,34 @@ counters! {
     expired,
     /// Rows the cloud can never accept, moved to the dead-letter table.
     dead_lettered,
-    /// Times the embedded broker skipped data the intake had not read yet.
-    intake_overruns,
-    /// Times a local device subscriber fell behind and lost messages in the broker.
-    local_overruns,
     /// Local messages matched by an uplink rule whose topic is not valid upstream (not
     /// UTF-8, a wildcard character, too long) and so could not be forwarded.
     intake_invalid,
     /// Commands received from the cloud.
     commands_received,
-    /// Commands confirmed by the local broker.
+    /// Commands whose hand-off to the local broker completed (every subscriber at QoS 1/2
+    /// acknowledged it, or it is held for an offline persistent session).
     commands_delivered,
+    /// Commands a local subscriber did not acknowledge within 5 s: acknowledged upstream
+    /// anyway, while they wait in the subscriber's session.
+    commands_unconfirmed,
     /// Commands redelivered by the cloud after they had been handed over (acked again only).
     commands_duplicate,
     /// Commands that could not be handed to the local broker.
     commands_failed,
     /// Cloud connection attempts that failed or connections that were lost.
     reconnects,
-    /// Device connections refused or dropped by the front door (limits, bad CONNECT, timeouts).
-    front_door_refused,
+    /// Device connections refused before their CONNACK (limits, a bad CONNECT, timeouts,
+    /// logins).
+    connections_refused,
     /// Device connections without a finished TLS handshake and CONNECT in `local.connect_timeout`.
-    front_door_timeouts,
-    /// Device connections closed for garbage, a malformed packet or invalid UTF-8.
-    front_door_malformed,
+    connect_timeouts,
+    /// Device connections closed for a malformed packet or a protocol violation.
+    malformed_packets,
     /// Device connections closed for a packet over the limit (or buffers over the total bound).
-    front_door_oversize,
+    oversize_packets,
+    /// Device connections closed because nothing came within 1.5 times their keep alive.
+    keepalive_timeouts,
     /// Device TLS handshakes that failed (no or untrusted client certificate, garbage).
     tls_failures,
     /// Device logins refused (bad user name or password, anonymous not allowed).
@@ -197,19 +200,20 @@ counters! {
     /// Retained messages the local broker took but `state.db` does not keep (over
     /// `local.max_retained_size`): a restart forgets them.
     retained_dropped,
-    /// Messages queued for a persistent session (offline, or online but that many behind)
-    /// that `state.db` does not keep, oldest first, over `local.max_queued_messages`: a
-    /// restart would forget them (rumqttd still delivers them while it runs).
+    /// Messages for a subscriber that its queue could not take (`local.max_queued_messages`
+    /// or `max_queued_bytes`; QoS 0 first, then the oldest), and QoS 0 messages of a session
+    /// that went offline.
     queued_dropped,
-    /// Session and retained bookkeeping the front door could not hand to the state's
-    /// owner in time (its queue was full); also `state.db` errors.
+    /// Messages whose MQTT 5 message expiry interval passed while they were queued.
+    local_expired,
+    /// `state.db` errors (each is also logged).
     state_errors,
     /// Messages withheld from an MQTT 5 device because they exceed the maximum packet size
     /// it announced.
     withheld_oversize,
 }
 
-/// What the local broker keeps across a restart (`state.db`), kept up to date by its owner.
+/// What the local broker keeps across a restart (`state.db`), updated every second.
 #[derive(Debug, Default)]
 pub struct BrokerStateGauges {
     pub retained: AtomicU64,
@@ -218,6 +222,8 @@ pub struct BrokerStateGauges {
     pub sessions: AtomicU64,
     /// QoS 1/2 messages kept for persistent sessions, not yet acknowledged by their device.
     pub queued: AtomicU64,
+    /// Device connections now.
+    pub connections: AtomicU64,
 }
 
 /// Current fill of the outbox, kept up to date by its owner.
@@ -499,6 +505,7 @@ pub struct ClockDoc {
 
 #[derive(Debug, Serialize)]
 pub struct LocalStatus {
+    pub connections: u64,
     pub retained: u64,
     pub retained_bytes: u64,
     pub sessions: u64,
@@ -534,6 +541,7 @@ impl Health {
                 oldest_age_ms: (oldest != u64::MAX).then(|| now.saturating_sub(oldest)),
             },
             local: LocalStatus {
+                connections: self.broker_state.connections.load(Ordering::Relaxed),
                 retained: self.broker_state.retained.load(Ordering::Relaxed),
                 retained_bytes: self.broker_state.retained_bytes.load(Ordering::Relaxed),
                 sessions: self.broker_state.sessions.load(Ordering::Relaxed),
@@ -648,7 +656,7 @@ pub struct ReporterSettings {
 pub async fn run_reporter(
     health: SharedHealth,
     mut settings: tokio::sync::watch::Receiver<ReporterSettings>,
-    mut link: crate::broker::Link,
+    mut client: crate::broker::internal::Client,
     mut probe: crate::supervisor::Probe,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
@@ -656,16 +664,10 @@ pub async fn run_reporter(
     let mut tick = tokio::time::interval(current.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_states = (LinkState::Connecting, LinkState::Connecting);
-    let mut link_open = true;
     let mut last_counts = (Instant::now(), 0u64, 0u64);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            // The link's notifications must be read, or the broker stalls it.
-            next = link.next(), if link_open => {
-                link_open = next.is_ok();
-                continue;
-            }
             changed = settings.changed() => {
                 if changed.is_ok() {
                     current = settings.borrow_and_update().clone();
@@ -692,13 +694,14 @@ pub async fn run_reporter(
             );
         }
         if let Some(json) = doc {
-            let publish =
-                rumqttd::protocol::Publish::new(current.metrics_topic.clone(), json, true);
-            if let Err(e) = link
-                .tx
-                .send(rumqttd::protocol::Packet::Publish(publish, None))
-                .await
-            {
+            let publication = crate::broker::internal::Publication {
+                topic: current.metrics_topic.clone(),
+                payload: json.into(),
+                qos: 0,
+                retain: true,
+                completion: None,
+            };
+            if let Err(e) = client.publish(publication).await {
                 tracing::warn!(error = %e, "publishing metrics on the local broker failed");
             }
         }
@@ -787,7 +790,8 @@ pub fn render_status(doc: &serde_json::Value) -> String {
         field("/counters/outbox_lost"),
     );
     out.push_str(&format!(
-        "local      {} retained ({} bytes), {} persistent sessions, {} messages queued for them\n",
+        "local      {} connections, {} retained ({} bytes), {} persistent sessions, {} messages queued for them\n",
+        field("/local/connections"),
         field("/local/retained"),
         field("/local/retained_bytes"),
         field("/local/sessions"),

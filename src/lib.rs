@@ -14,7 +14,6 @@ pub mod health;
 pub mod logging;
 pub mod outbox;
 pub mod reload;
-pub mod state;
 pub mod status_socket;
 pub mod supervisor;
 pub mod systemd;
@@ -29,7 +28,8 @@ use anyhow::Context;
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use crate::broker::{front_door, listeners, LocalBroker};
+use crate::broker::listeners::{self, Listeners, TlsListener};
+use crate::broker::message::OriginKind;
 use crate::cloud::CloudLink;
 use crate::config::Config;
 use crate::health::SharedHealth;
@@ -38,6 +38,8 @@ use crate::supervisor::{Liveness, Supervisor};
 
 /// SIGTERM to exit: the whole shutdown stays within this.
 const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+/// Of it, what device connections get to finish what they sent.
+const DRAIN_BUDGET: Duration = Duration::from_millis(1500);
 
 /// Runs the gateway on the config read from `config_path` until SIGTERM or SIGINT;
 /// reloads it on SIGHUP and when the file changes. An error is a reason to restart.
@@ -52,73 +54,39 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         );
         tokio::task::spawn_blocking(move || outbox::open(&queue, &data_dir, health)).await??
     };
-    let (state, restore) = {
-        let (limits, fsync, data_dir, health) = (
-            state::Limits::of(&config),
+    let state = {
+        let (fsync, data_dir, health) = (
             config.queue.fsync,
             config.gateway.data_dir.clone(),
             health.clone(),
         );
-        let (state, restore, _owner) = tokio::task::spawn_blocking(move || {
-            state::State::open(&data_dir, limits, fsync, health)
-        })
-        .await??;
-        (state, restore)
+        tokio::task::spawn_blocking(move || broker::persist::open(&data_dir, fsync, &health))
+            .await??
     };
-
-    // The device ports are bound before rumqttd's internal ports are picked, so that the
-    // kernel cannot hand one of ours to rumqttd.
-    let v4_listener = listeners::bind(config.local.listen, "local.listen").await?;
-    let v5_listener = match config.local.listen_v5 {
+    let plain = listeners::bind(config.local.listen, "local.listen").await?;
+    let v5 = match config.local.listen_v5 {
         Some(listen) => Some(listeners::bind(listen, "local.listen_v5").await?),
         None => None,
     };
-    let tls_listener = match &config.local.security.tls {
+    let tls = match &config.local.security.tls {
         Some(tls) => Some((
             listeners::bind(tls.listen, "local.tls_listen").await?,
-            front_door::TlsListener::new(tls).context("preparing local.tls_listen")?,
+            TlsListener::new(tls).context("preparing local.tls_listen")?,
         )),
         None => None,
     };
     let policy = broker::policy::Policy::load(&config.local.security)?.shared();
-    let open_files = front_door::raise_open_files_limit();
-    if open_files < 3 * config.local.max_connections as u64 + 256 {
-        warn!(open_files, max_connections = config.local.max_connections,
-            "the open files limit is low for local.max_connections (each device needs 3); raise LimitNOFILE");
+    let open_files = listeners::raise_open_files_limit();
+    if open_files < config.local.max_connections as u64 + 256 {
+        warn!(
+            open_files,
+            max_connections = config.local.max_connections,
+            "the open files limit is low for local.max_connections; raise LimitNOFILE"
+        );
     }
-
     if config.local.listen_v5.is_some() {
-        warn!("{}", broker::MQTT5_LIMITS);
+        warn!("local.listen_v5 is deprecated: local.listen serves MQTT 5 too; it is kept as one more listener");
     }
-    let broker = LocalBroker::new(&config.local)?;
-    let intake_link = broker.link("intake")?;
-    let command_link = broker.link("downlink")?;
-    let health_link = broker.link("health")?;
-    // Made even without rules: a reload may add some.
-    let rules_link = broker.link("rules")?;
-    let mut state_link = broker.link("state")?;
-    // Made even without field devices: a reload may add some.
-    let field_links = (
-        broker.link("field-readings")?,
-        broker.link("field-commands")?,
-    );
-    let backends = front_door::Backends {
-        v4: broker.internal_v4,
-        v5: broker.internal_v5,
-    };
-    let side_door = broker.side_door.clone();
-    broker.start()?;
-    wait_for_port(backends.v4).await?;
-    if let Some(v5) = backends.v5 {
-        wait_for_port(v5).await?;
-    }
-    // Retained messages and persistent sessions are back before the first device is let in.
-    if let Err(e) =
-        state::restore::run(&state, restore, &mut state_link, backends, &side_door).await
-    {
-        error!(error = %e, "retained messages and sessions of the last run could not be restored");
-    }
-    state.attach_broker(backends, side_door.clone());
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let liveness = Arc::new(Liveness::default());
@@ -130,54 +98,48 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         cloud.clone(),
         outbox.clone(),
         health.clone(),
-        shutdown.clone(),
     );
-    live.listeners.open(front_door::open(
-        &config.local,
-        rx.limits.clone(),
-        backends,
-        side_door,
+    let (feed, readings) = automation::feed(rx.rules.clone(), health.clone());
+    let intake = broker::Intake {
+        rules: rx.intake_rules.clone(),
+        feed,
+        outbox: outbox.clone(),
+        health: health.clone(),
+    };
+    let shared = broker::Shared::new(
+        broker::limits(&config),
+        broker::Settings::of(&config.local),
         policy.clone(),
-        vec![state.hooks(policy.clone())],
+        intake,
         health.clone(),
-    ));
-    live.listeners
-        .serve(&mut supervisor, "local.listen", v4_listener, None);
-    if let Some(listener) = v5_listener {
-        live.listeners
-            .serve(&mut supervisor, "local.listen_v5", listener, None);
+    );
+    // Retained messages and persistent sessions are back before the first device is let in.
+    let state = broker::persist::start(&shared, state)?;
+    let mut device_listeners = Listeners::new(shared.clone(), shutdown.clone());
+    device_listeners.serve(&mut supervisor, "local.listen", plain, None);
+    if let Some(listener) = v5 {
+        device_listeners.serve(&mut supervisor, "local.listen_v5", listener, None);
     }
-    if let Some((listener, tls)) = tls_listener {
-        live.listeners
-            .serve(&mut supervisor, "local.tls_listen", listener, Some(tls));
+    if let Some((listener, tls)) = tls {
+        device_listeners.serve(&mut supervisor, "local.tls_listen", listener, Some(tls));
     }
-    live.state = Some(state.clone());
+    live.listeners = Some(device_listeners);
+    live.broker = Some(shared.clone());
     // The config watcher also watches the password and ACL files: a change of either is
     // applied like an edit of the config.
     live.policy = Some(policy);
-
-    let (feed, readings) = automation::feed(rx.rules.clone(), health.clone());
+    supervisor.spawn(
+        "broker",
+        broker::run_timers(shared.clone(), liveness.probe("broker"), shutdown.clone()),
+    );
     supervisor.spawn(
         "rules",
         automation::run(
-            rules_link,
-            Some(state.clone()),
+            shared.client("rules", OriginKind::Rules),
             rx.rules.clone(),
             readings,
             health.clone(),
             liveness.probe("rules"),
-            shutdown.clone(),
-        ),
-    );
-    let intake = supervisor.spawn(
-        "intake",
-        broker::run_intake(
-            intake_link,
-            rx.intake_rules.clone(),
-            feed,
-            outbox.clone(),
-            health.clone(),
-            liveness.probe("intake"),
             shutdown.clone(),
         ),
     );
@@ -186,7 +148,6 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         uplink::Uplink {
             cloud: cloud.clone(),
             outbox: outbox.clone(),
-            report_every: (config.queue.commit_interval / 4).min(Duration::from_millis(50)),
             health: health.clone(),
             shutdown: shutdown.clone(),
             control: rx.cloud_control(liveness.probe("uplink")),
@@ -197,8 +158,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         cloud,
         data_dir: config.gateway.data_dir.clone(),
         rules: config.downlink.clone(),
-        link: command_link,
-        state: Some(state.clone()),
+        client: shared.client("downlink", OriginKind::Cloud),
         health: health.clone(),
         shutdown: shutdown.clone(),
         control: rx.cloud_control(liveness.probe("downlink")),
@@ -213,7 +173,7 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         health::run_reporter(
             health.clone(),
             rx.reporter.clone(),
-            health_link,
+            shared.client("health", OriginKind::Gateway),
             liveness.probe("reporter"),
             shutdown.clone(),
         ),
@@ -251,12 +211,11 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
             shutdown.clone(),
         ),
     );
-    let (readings, commands) = field_links;
     live.field = Some(
         field::Field::start(
             &config,
-            readings,
-            commands,
+            shared.client("field-readings", OriginKind::Field),
+            shared.client("field-commands", OriginKind::Field),
             health.clone(),
             &mut supervisor,
             shutdown.clone(),
@@ -298,23 +257,26 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
         }
     };
     systemd::stopping();
+    // No new connections; every device connection finishes the packets it sent (what it
+    // was told is in the gateway's care is in the outbox) and is told the server goes.
     let _ = shutdown_tx.send(true);
+    shared.stop();
     let finished = tokio::time::timeout(SHUTDOWN_BUDGET, async {
-        // The local broker's state is written at once, beside the outbox's shutdown: a
-        // slow outbox must not leave it unwritten when the budget runs out.
+        shared.drained(DRAIN_BUDGET).await;
+        // The broker's state is written at once, beside the outbox's shutdown: a slow
+        // outbox must not leave it unwritten when the budget runs out.
         let outbox_done = async {
-            // The intake hands over what the broker already accepted, the uplink reports
-            // what the cloud acknowledged, then the outbox writes what is left.
-            supervisor.join(&intake).await;
+            // The uplink reports what the cloud acknowledged, then the outbox writes
+            // what is left.
             supervisor.join(&uplink).await;
             if let Err(e) = outbox.shutdown().await {
                 warn!(error = %e, "closing the outbox");
             }
         };
         tokio::join!(state.flush(), outbox_done);
-        // What the last moments of the downlink and the rules recorded.
-        state.flush().await;
         supervisor.join_all().await;
+        // What the last moments of the downlink and the rules changed.
+        state.flush().await;
     })
     .await;
     if finished.is_err() {
@@ -330,19 +292,6 @@ pub async fn run(config_path: &Path, config: Config, health: SharedHealth) -> an
             info!("bridgehead stopped");
             Ok(())
         }
-    }
-}
-
-async fn wait_for_port(addr: std::net::SocketAddr) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if tokio::net::TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("the embedded broker did not start listening on {addr}");
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

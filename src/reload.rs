@@ -19,10 +19,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::automation::RuleSet;
-use crate::broker::front_door::Limits;
-use crate::broker::listeners::Listeners;
+use crate::broker::listeners::{Listeners, TlsListener};
 use crate::broker::policy::SharedPolicy;
-use crate::broker::IntakeRule;
+use crate::broker::{IntakeRule, Shared};
 use crate::cloud::CloudLink;
 use crate::config::diff::{applicable, watched_files, ConfigDiff};
 use crate::config::{self, Config, ConfigError, DownlinkRule};
@@ -135,17 +134,16 @@ pub struct Live {
     downlink_rules: watch::Sender<Arc<Vec<DownlinkRule>>>,
     intake_rules: watch::Sender<Arc<Vec<IntakeRule>>>,
     rules: watch::Sender<RuleSet>,
-    limits: watch::Sender<Limits>,
     reporter: watch::Sender<ReporterSettings>,
     /// The directories and files the config watcher watches.
     watched: watch::Sender<Vec<PathBuf>>,
     pub outbox: OutboxHandle,
-    pub listeners: Listeners,
-    /// The device passwords and ACL the front door reads.
+    pub listeners: Option<Listeners>,
+    /// The local broker: its per-connection settings and its bounds.
+    pub broker: Option<Arc<Shared>>,
+    /// The device passwords and ACL the broker reads.
     pub policy: Option<SharedPolicy>,
     pub field: Option<Field>,
-    /// Retained messages and persistent sessions kept across restarts.
-    pub state: Option<crate::state::State>,
     health: SharedHealth,
 }
 
@@ -154,7 +152,6 @@ pub struct Receivers {
     pub intake_rules: watch::Receiver<Arc<Vec<IntakeRule>>>,
     /// `[[rule]]`s, for the intake's feed and the rule task.
     pub rules: watch::Receiver<RuleSet>,
-    pub limits: watch::Receiver<Limits>,
     pub reporter: watch::Receiver<ReporterSettings>,
     pub watched: watch::Receiver<Vec<PathBuf>>,
     cloud: watch::Receiver<CloudLink>,
@@ -184,10 +181,6 @@ pub fn intake_rules(config: &Config) -> Arc<Vec<IntakeRule>> {
             })
             .collect(),
     )
-}
-
-pub fn limits(config: &Config) -> Limits {
-    crate::broker::front_door::limits(&config.local)
 }
 
 pub fn reporter_settings(config: &Config) -> ReporterSettings {
@@ -224,13 +217,11 @@ impl Live {
         cloud: CloudLink,
         outbox: OutboxHandle,
         health: SharedHealth,
-        shutdown: watch::Receiver<bool>,
     ) -> (Live, Receivers) {
         let (cloud_tx, cloud_rx) = watch::channel(cloud);
         let (downlink_tx, downlink_rx) = watch::channel(Arc::new(config.downlink.clone()));
         let (intake_tx, intake_rx) = watch::channel(intake_rules(config));
         let (rules_tx, rules_rx) = watch::channel(Arc::new(config.rules.clone()));
-        let (limits_tx, limits_rx) = watch::channel(limits(config));
         let (reporter_tx, reporter_rx) = watch::channel(reporter_settings(config));
         let (watched_tx, watched_rx) = watch::channel(watched_paths(config_path, config));
         let live = Live {
@@ -241,20 +232,18 @@ impl Live {
             downlink_rules: downlink_tx,
             intake_rules: intake_tx,
             rules: rules_tx,
-            limits: limits_tx,
             reporter: reporter_tx,
             watched: watched_tx,
             outbox,
-            listeners: Listeners::new(shutdown),
+            listeners: None,
+            broker: None,
             policy: None,
             field: None,
-            state: None,
             health,
         };
         let receivers = Receivers {
             intake_rules: intake_rx,
             rules: rules_rx,
-            limits: limits_rx,
             reporter: reporter_rx,
             watched: watched_rx,
             cloud: cloud_rx,
@@ -331,24 +320,44 @@ impl Live {
             None
         };
         crate::systemd::reloading();
-        let applied = applicable(&self.started, &new);
-        let mut failures = self.apply(supervisor, &diff, &applied, cloud).await;
+        let mut applied = applicable(&self.started, &new);
+        let failures = self.apply(supervisor, &diff, &applied, cloud).await;
+        let mut stamps = stamps;
+        // What failed keeps its running value (and its files' old fingerprints), so that
+        // the next reload tries it again; the reload is recorded as failed.
+        for failure in &failures {
+            failure.part.revert(&mut applied, &self.running);
+            for key in failure.part.files() {
+                match self.files.0.get(key) {
+                    Some(old) => stamps.0.insert(key, old.clone()),
+                    None => stamps.0.remove(key),
+                };
+            }
+        }
         self.running = applied;
         self.files = stamps;
         let _ = self
             .watched
             .send_replace(watched_paths(config_path, &self.running));
         let mut summary = diff.summary();
-        if !failures.is_empty() {
-            summary.push_str(&format!("; NOT applied: {}", failures.join("; ")));
-        }
+        let problems: Vec<String> = failures.iter().map(|f| f.message.clone()).collect();
+        let result = match problems.is_empty() {
+            true => "applied",
+            false => {
+                summary.push_str(&format!("; NOT applied: {}", problems.join("; ")));
+                "failed"
+            }
+        };
         let generation = self.record(
-            "applied",
+            result,
             summary.clone(),
-            std::mem::take(&mut failures),
+            problems,
             Some(diff.restart_needed.iter().map(|k| k.to_string()).collect()),
         );
-        inc(&self.health.counters.reloads);
+        match result {
+            "applied" => inc(&self.health.counters.reloads),
+            _ => inc(&self.health.counters.reloads_failed),
+        }
         info!(
             trigger,
             generation,
@@ -369,7 +378,7 @@ impl Live {
         diff: &ConfigDiff,
         new: &Config,
         cloud: Option<CloudLink>,
-    ) -> Vec<String> {
+    ) -> Vec<Failure> {
         let mut failures = Vec::new();
         if diff.uplink.any() {
             self.intake_rules.send_replace(intake_rules(new));
@@ -385,43 +394,38 @@ impl Live {
             self.cloud.send_replace(cloud);
         }
         if !diff.queue.is_empty() && self.outbox.reconfigure(new.queue.clone()).await.is_err() {
-            failures.push("[queue]: the outbox has stopped".to_owned());
+            failures.push(Failure {
+                part: Part::Queue,
+                message: "[queue]: the outbox has stopped".to_owned(),
+            });
         }
         if diff.modbus.any() || diff.serial.any() {
             if let Some(field) = self.field.as_mut() {
                 field.apply(new, supervisor).await;
             }
         }
-        if !diff.local.is_empty() {
-            self.limits.send_replace(limits(new));
-            let moves = [
-                ("local.listen", Some(new.local.listen)),
-                ("local.listen_v5", new.local.listen_v5),
-            ];
-            for (key, listen) in moves {
-                let Some(listen) = listen.filter(|_| diff.local.contains(&key)) else {
-                    continue;
-                };
-                if let Err(e) = self.listeners.rebind(supervisor, key, listen).await {
-                    error!(error = %format!("{e:#}"), "reload: {key} not applied");
-                    failures.push(format!("{key}: {e:#}"));
-                }
-            }
+        let broker_changed =
+            !(diff.local.is_empty() && diff.persistence.is_empty() && diff.queue.is_empty());
+        if let (true, Some(broker)) = (broker_changed, &self.broker) {
+            broker.reconfigure(
+                crate::broker::Settings::of(&new.local),
+                crate::broker::limits(new),
+            );
+        }
+        if let Some(listeners) = self.listeners.as_mut() {
+            failures.extend(apply_listeners(listeners, supervisor, diff, new).await);
         }
         if !diff.gateway.is_empty() {
             self.reporter.send_replace(reporter_settings(new));
-        }
-        if let (false, Some(state)) = (
-            diff.persistence.is_empty() && diff.queue.is_empty(),
-            &self.state,
-        ) {
-            state.set_limits(crate::state::Limits::of(new));
         }
         if let (false, Some(policy)) = (diff.security.is_empty(), &self.policy) {
             if let Err(e) = crate::broker::policy::reload(policy, &new.local.security) {
                 inc(&self.health.counters.security_reload_errors);
                 error!(error = %e, "reload: device passwords and ACL not applied; the previous ones stay in force");
-                failures.push(e.to_string());
+                failures.push(Failure {
+                    part: Part::Security,
+                    message: e.to_string(),
+                });
             }
         }
         failures
@@ -469,6 +473,106 @@ impl Live {
         }
         config.generation
     }
+}
+
+/// A part of a reload that could not be applied.
+struct Failure {
+    part: Part,
+    message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Part {
+    Listener(&'static str),
+    Queue,
+    Security,
+}
+
+impl Part {
+    /// Puts the running value of this part back into `applied`.
+    fn revert(self, applied: &mut Config, running: &Config) {
+        let (a, r) = (&mut applied.local, &running.local);
+        match self {
+            Part::Listener("local.listen") => a.listen = r.listen,
+            Part::Listener("local.listen_v5") => a.listen_v5 = r.listen_v5,
+            Part::Listener(_) => a.security.tls = r.security.tls.clone(),
+            Part::Queue => applied.queue = running.queue.clone(),
+            Part::Security => {
+                a.security.password_file = r.security.password_file.clone();
+                a.security.acl_file = r.security.acl_file.clone();
+                a.security.allow_anonymous = r.security.allow_anonymous;
+            }
+        }
+    }
+
+    /// The watched files whose content belongs to this part.
+    fn files(self) -> &'static [&'static str] {
+        match self {
+            Part::Listener("local.tls_listen") => {
+                &["local.cert_file", "local.key_file", "local.ca_file"]
+            }
+            Part::Security => &["local.password_file", "local.acl_file"],
+            _ => &[],
+        }
+    }
+}
+
+/// Moves, adds or removes the listeners whose keys changed, and gives the TLS listener
+/// new keys; returns what could not be applied (the old listener then stays).
+async fn apply_listeners(
+    listeners: &mut Listeners,
+    supervisor: &mut Supervisor,
+    diff: &ConfigDiff,
+    new: &Config,
+) -> Vec<Failure> {
+    let mut failures = Vec::new();
+    let plain = [
+        ("local.listen", Some(new.local.listen)),
+        ("local.listen_v5", new.local.listen_v5),
+    ];
+    for (key, listen) in plain {
+        if !diff.local.contains(&key) {
+            continue;
+        }
+        if let Err(e) = listeners.set(supervisor, key, listen, None).await {
+            error!(error = %format!("{e:#}"), "reload: {key} not applied");
+            failures.push(Failure {
+                part: Part::Listener(key),
+                message: format!("{key}: {e:#}"),
+            });
+        }
+    }
+    if diff.local.contains(&"local.tls_listen") || !diff.tls_files.is_empty() {
+        let tls = match &new.local.security.tls {
+            Some(config) => match TlsListener::new(config) {
+                Ok(tls) => Some((config.listen, tls)),
+                Err(e) => {
+                    error!(error = %e, "reload: local.tls_listen not applied; the old one stays");
+                    failures.push(Failure {
+                        part: Part::Listener("local.tls_listen"),
+                        message: format!("local.tls_listen: {e}"),
+                    });
+                    return failures;
+                }
+            },
+            None => None,
+        };
+        let (listen, tls) = match tls {
+            Some((listen, tls)) => (Some(listen), Some(tls)),
+            None => (None, None),
+        };
+        if let Err(e) = listeners
+            .set(supervisor, "local.tls_listen", listen, tls)
+            .await
+        {
+            error!(error = %format!("{e:#}"), "reload: local.tls_listen not applied");
+            failures.push(Failure {
+                part: Part::Listener("local.tls_listen"),
+                message: format!("local.tls_listen: {e:#}"),
+            });
+        }
+    }
+    failures
 }
 
 /// What the config watcher hands the main loop: the file as it reads now.

@@ -22,8 +22,8 @@ use crate::reload::CloudControl;
 /// uplink gives credit back in halves.
 const PREFETCH: usize = 2048;
 const PREFETCH_BYTES: usize = 8 << 20;
-/// Deliveries are reported to the outbox in batches of this many, or after
-/// [`Uplink::report_every`].
+/// Deliveries are reported to the outbox in batches of this many, or as soon as the
+/// connection has nothing else ready.
 const DELIVERED_BATCH: usize = 256;
 /// How long a clean shutdown waits for the cloud to acknowledge `offline`.
 const OFFLINE_ACK_WAIT: Duration = Duration::from_millis(1500);
@@ -31,10 +31,6 @@ const OFFLINE_ACK_WAIT: Duration = Duration::from_millis(1500);
 pub struct Uplink {
     pub cloud: CloudLink,
     pub outbox: OutboxHandle,
-    /// How long a delivery may wait before it is reported to the outbox: well inside
-    /// `queue.commit_interval`, so a delivered message is not written to disk, and long
-    /// enough that at low rates one report covers several messages.
-    pub report_every: Duration,
     pub health: SharedHealth,
     pub shutdown: watch::Receiver<bool>,
     /// New `[cloud]` settings from a reload end the connection; the next one uses them.
@@ -287,7 +283,7 @@ impl Uplink {
             return End::Shutdown;
         };
         let mut taken = (0usize, 0usize);
-        let mut delivered = Deliveries::new(self.report_every);
+        let mut delivered = Deliveries::default();
         loop {
             if taken.0 >= PREFETCH / 2 || taken.1 >= PREFETCH_BYTES / 2 {
                 let (rows, bytes) = std::mem::take(&mut taken);
@@ -341,7 +337,11 @@ impl Uplink {
             {
                 return End::Shutdown;
             }
+            // Biased: what the cloud sent is taken first, so that deliveries gather while
+            // acknowledgements stream in, and are reported once nothing else is ready (a
+            // timer for that would wake the gateway once more per message at low rates).
             tokio::select! {
+                biased;
                 event = eventloop.poll() => match event {
                     Ok(event) => {
                         window.on_event(event, &mut delivered);
@@ -358,11 +358,6 @@ impl Uplink {
                     None => return End::Shutdown,
                 },
                 _ = tokio::time::sleep_until(window.hold_end()), if window.holding() => {}
-                _ = tokio::time::sleep_until(delivered.due()), if !delivered.list.is_empty() => {
-                    if self.report(&mut delivered).await.is_err() {
-                        return End::Shutdown;
-                    }
-                }
                 _ = self.shutdown.changed() => {
                     self.go_offline(&client, &mut eventloop, &mut window, &mut delivered).await;
                     let _ = self.report(&mut delivered).await;
@@ -373,6 +368,11 @@ impl Uplink {
                     self.go_offline(&client, &mut eventloop, &mut window, &mut delivered).await;
                     let _ = self.report(&mut delivered).await;
                     return End::Reconfigured;
+                }
+                _ = std::future::ready(()), if !delivered.list.is_empty() => {
+                    if self.report(&mut delivered).await.is_err() {
+                        return End::Shutdown;
+                    }
                 }
             }
         }
@@ -436,31 +436,15 @@ impl Uplink {
     }
 }
 
-/// Deliveries not yet reported to the outbox, and since when the oldest waits.
+/// Deliveries not yet reported to the outbox.
+#[derive(Default)]
 struct Deliveries {
     list: Vec<Delivered>,
-    since: Option<tokio::time::Instant>,
-    every: Duration,
 }
 
 impl Deliveries {
-    fn new(every: Duration) -> Self {
-        Deliveries {
-            list: Vec::new(),
-            since: None,
-            every,
-        }
-    }
-
     fn push(&mut self, d: Delivered) {
-        if self.list.is_empty() {
-            self.since = Some(tokio::time::Instant::now());
-        }
         self.list.push(d);
-    }
-
-    fn due(&self) -> tokio::time::Instant {
-        self.since.unwrap_or_else(tokio::time::Instant::now) + self.every
     }
 }
 

@@ -138,7 +138,7 @@ fn a_missing_file_is_named() {
 }
 
 #[test]
-fn a_config_with_mqtt5_names_what_mqtt5_devices_do_not_get_yet() {
+fn a_config_with_listen_v5_is_told_it_is_deprecated() {
     let (_dir, path) = config_file(
         r#"[gateway]
 id = "gw-1"
@@ -157,13 +157,7 @@ url = "mqtt://127.0.0.1:1883"
     let note = outcome
         .stdout
         .lines()
-        .find(|l| l.starts_with("note: MQTT 5"))
-        .unwrap_or_else(|| panic!("no MQTT 5 note in: {}", outcome.stdout));
-    for missing in [
-        "message expiry",
-        "subscription identifiers",
-        "receive maximum",
-    ] {
-        assert!(note.contains(missing), "{missing} not named: {note}");
-    }
+        .find(|l| l.starts_with("note: local.listen_v5 is deprecated"))
+        .unwrap_or_else(|| panic!("no deprecation note in: {}", outcome.stdout));
+    assert!(note.contains("local.listen"), "{note}");
 }

@@ -5,12 +5,12 @@
 mod support;
 
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{
-    free_port, paho, publish_all, publish_by_alias, publish_paced, publish_retained, retained,
-    Collector, Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5,
-    COMMAND_PREFIX, TELEMETRY_FILTER,
+    delayed_will, free_port, paho, publish_all, publish_by_alias, publish_paced, publish_retained,
+    retained, Collector, Device5, Gateway, GatewayConfig, LocalSubscriber, Mosquitto, QoS, QoS5,
+    Received, COMMAND_PREFIX, TELEMETRY_FILTER,
 };
 
 const FAN: &str = "warehouse/zone1/fan/command";
@@ -570,5 +570,300 @@ async fn a_will_that_became_the_retained_state_survives_kill_9() {
             .as_deref(),
         Some("offline"),
         "after kill -9 the fan's status is not its will"
+    );
+}
+
+/// A device's command topic: `warehouse/<device>/command`.
+fn command_topic(device: &str) -> String {
+    format!("warehouse/{device}/command")
+}
+
+/// MQTT 5 devices on `local.listen`, each on a persistent session with a Session Expiry
+/// Interval, subscribed QoS 1 to its command topic, then offline.
+async fn devices5_subscribe_and_leave(port: u16, devices: &[(&str, u32)]) {
+    for &(id, expiry) in devices {
+        let mut device = Device5::connect(port, id, true, expiry).await;
+        assert!(
+            !device.session_present,
+            "{id}: a clean start found a session"
+        );
+        device
+            .subscribe(&command_topic(id), QoS5::AtLeastOnce)
+            .await;
+        device.disconnect().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_session_expiry_counts_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    devices5_subscribe_and_leave(
+        port,
+        &[("scanner", 4), ("badge-reader", 2), ("label-printer", 2)],
+    )
+    .await;
+    let command = vec![(command_topic("scanner"), b"rescan".to_vec())];
+    publish_all(port, "operator-panel", QoS::AtLeastOnce, command).await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM queued WHERE client_id = 'scanner'",
+        1,
+    )
+    .await;
+    wait_stored(&gateway, "SELECT count(*) FROM subscriptions", 3).await;
+
+    gateway.kill9();
+    // Down for longer than the 2 s sessions' expiry: that time is not the gateway's.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let restarted = Instant::now();
+    gateway.start_again();
+
+    let badge_reader = Device5::connect(port, "badge-reader", false, 2).await;
+    assert!(
+        badge_reader.session_present,
+        "a 2 s session expired while the gateway was down 2.5 s: expiry counted the wall clock"
+    );
+    badge_reader.disconnect().await;
+    let mut scanner = Device5::connect(port, "scanner", false, 4).await;
+    assert!(
+        scanner.session_present,
+        "the scanner's 4 s session is gone after kill -9:\n{}",
+        gateway.log()
+    );
+    let got = scanner
+        .recv(Duration::from_secs(5))
+        .await
+        .expect("the scanner got no command after kill -9");
+    assert_eq!(
+        (got.topic, got.payload.as_str()),
+        (command_topic("scanner"), "rescan")
+    );
+    assert!(
+        scanner.recv(Duration::from_secs(1)).await.is_none(),
+        "the command came twice"
+    );
+    scanner.disconnect().await;
+
+    // 3 s of running time after the restart, more than its 2 s: the printer's session is over.
+    tokio::time::sleep_until((restarted + Duration::from_secs(3)).into()).await;
+    let printer = Device5::connect(port, "label-printer", false, 2).await;
+    assert!(
+        !printer.session_present,
+        "a 2 s session is still there after 3 s of gateway running time:\n{}",
+        gateway.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_message_expiry_counts_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    devices5_subscribe_and_leave(port, &[("label-printer", 3600)]).await;
+    let labels = command_topic("label-printer");
+    let mut wms = Device5::connect(port, "wms", true, 0).await;
+    wms.publish(&labels, "print-now", Some(3)).await;
+    wms.publish(&labels, "print-today", Some(60)).await;
+    wms.disconnect().await;
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM queued WHERE client_id = 'label-printer'",
+        2,
+    )
+    .await;
+
+    gateway.kill9();
+    gateway.start_again();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut printer = Device5::connect(port, "label-printer", false, 3600).await;
+    assert!(printer.session_present, "the printer's session is gone");
+    let got = printer
+        .recv(Duration::from_secs(5))
+        .await
+        .unwrap_or_else(|| panic!("no message after kill -9:\n{}", gateway.log()));
+    assert_eq!(
+        got.payload, "print-today",
+        "not the message with 60 s to live (the one with 3 s expired after 3 s of running time)"
+    );
+    // 3 s and more of running time went by: what is left is less, and says so.
+    let left = got
+        .message_expiry
+        .expect("delivered without its Message Expiry Interval");
+    println!("delivered after the restart with {left} s of its 60 s left");
+    assert!(
+        (50..=57).contains(&left),
+        "Message Expiry Interval {left} s after 3 s and more of running time (sent with 60)"
+    );
+    assert!(
+        printer.recv(Duration::from_secs(1)).await.is_none(),
+        "more than the unexpired message arrived"
+    );
+}
+
+const DOOR_STATE: &str = "warehouse/door/state";
+const DOCK_DOOR_STATE: &str = "warehouse/door/dock2/state";
+const WILL_DELAY: Duration = Duration::from_secs(3);
+
+/// A door sensor with a will `offline` 3 s after its connection is lost and a 60 s
+/// session, which then loses power (no DISCONNECT).
+async fn door_sensor_loses_power(port: u16, client_id: &str, will_topic: &str) {
+    let will = delayed_will(will_topic, "offline", WILL_DELAY.as_secs() as u32);
+    let sensor = Device5::connect_with_will(port, client_id, true, 60, Some(will)).await;
+    drop(sensor);
+}
+
+/// A dashboard on every door's state.
+async fn door_panel(port: u16) -> LocalSubscriber {
+    LocalSubscriber::connect(
+        port,
+        "door-panel",
+        true,
+        Some(("warehouse/door/#", QoS::AtLeastOnce)),
+    )
+    .await
+}
+
+/// A kill -9 and the restart after it, as the test saw them.
+struct Outage {
+    killing: Instant,
+    killed: Instant,
+    starting: Instant,
+    ready: Instant,
+}
+
+impl Outage {
+    /// kill -9, `down` without the gateway, then start it again.
+    async fn of(gateway: &mut Gateway, down: Duration) -> Self {
+        let killing = Instant::now();
+        gateway.kill9();
+        let killed = Instant::now();
+        tokio::time::sleep(down).await;
+        let starting = Instant::now();
+        gateway.start_again();
+        Outage {
+            killing,
+            killed,
+            starting,
+            ready: Instant::now(),
+        }
+    }
+
+    /// The gateway's running time from `from` (before the kill) to `to` (after the
+    /// restart): at least, at most.
+    fn running(&self, from: Instant, to: Instant) -> (Duration, Duration) {
+        (
+            (self.killing - from) + to.saturating_duration_since(self.ready),
+            (self.killed - from) + (to - self.starting),
+        )
+    }
+}
+
+/// Asserts that `will` came after 3 s of gateway running time since `dropped`, as far as
+/// the test can tell (50 ms for the time the gateway takes to see a connection end), and
+/// no more than `late` after that.
+fn assert_will_on_time(will: &Received, dropped: Instant, outage: &Outage, late: Duration) {
+    let (least, most) = outage.running(dropped, will.at);
+    println!(
+        "the will came {:?} after the restart, after {least:?} to {most:?} of gateway \
+         running time since the connection dropped",
+        will.at - outage.starting
+    );
+    assert!(
+        most + Duration::from_millis(50) >= WILL_DELAY,
+        "the will came after at most {most:?} of gateway running time, before its 3 s delay"
+    );
+    assert!(
+        least <= WILL_DELAY + late,
+        "the will came {:?} after the restart: after at least {least:?} of gateway running \
+         time since the connection dropped, not 3 s ({:?} of it before kill -9)",
+        will.at - outage.starting,
+        outage.killing - dropped
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_will_delay_across_kill_9() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    door_sensor_loses_power(port, "door", DOOR_STATE).await;
+    door_sensor_loses_power(port, "dock-door", DOCK_DOOR_STATE).await;
+    let dropped = Instant::now();
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM sessions WHERE will_at IS NOT NULL",
+        2,
+    )
+    .await;
+    assert!(
+        dropped.elapsed() < Duration::from_secs(1),
+        "the wills took {:?} to reach state.db",
+        dropped.elapsed()
+    );
+    // Down for a second: that second is not the gateway's running time.
+    let outage = Outage::of(&mut gateway, Duration::from_secs(1)).await;
+    let mut panel = door_panel(port).await;
+    // The dock sensor is back within the delay: its will must never be published.
+    let dock = Device5::connect(port, "dock-door", false, 60).await;
+    assert!(dock.session_present, "the dock sensor's session is gone");
+
+    let will = panel
+        .recv(WILL_DELAY + Duration::from_secs(2))
+        .await
+        .unwrap_or_else(|| panic!("the door's will never came after kill -9"));
+    assert_eq!(
+        (will.topic.as_str(), will.payload.as_str()),
+        (DOOR_STATE, "offline")
+    );
+    assert_will_on_time(&will, dropped, &outage, Duration::from_millis(500));
+    let until = outage.starting + WILL_DELAY + Duration::from_secs(2);
+    let late = panel
+        .recv(until.saturating_duration_since(Instant::now()))
+        .await;
+    assert!(
+        late.is_none(),
+        "a will came though its device was back within the delay: {late:?}"
+    );
+    drop(dock);
+}
+
+/// After a `kill -9`, the gateway's running time since the state clock was last written
+/// (with every commit, and every minute while a will or an expiry is pending) is not
+/// counted: a will comes that much late, never early. Here nothing is written for half the
+/// delay before the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mqtt5_a_will_after_kill_9_is_never_early_and_late_at_most_what_was_not_written() {
+    let _serial = support::serial().await;
+    let cloud = Mosquitto::start();
+    let mut gateway = Gateway::start(GatewayConfig::new(cloud.port));
+    let port = gateway.local_port;
+    door_sensor_loses_power(port, "door", DOOR_STATE).await;
+    let dropped = Instant::now();
+    wait_stored(
+        &gateway,
+        "SELECT count(*) FROM sessions WHERE will_at IS NOT NULL",
+        1,
+    )
+    .await;
+    let written = Instant::now();
+    // Half the delay goes by with nothing to write; then the gateway loses power.
+    tokio::time::sleep_until((dropped + WILL_DELAY / 2).into()).await;
+    let outage = Outage::of(&mut gateway, Duration::ZERO).await;
+    let mut panel = door_panel(port).await;
+    let will = panel
+        .recv(WILL_DELAY + Duration::from_secs(2))
+        .await
+        .expect("the door's will never came after kill -9");
+    let unwritten = outage.killing.saturating_duration_since(written);
+    assert_will_on_time(
+        &will,
+        dropped,
+        &outage,
+        unwritten + Duration::from_millis(500),
     );
 }

@@ -145,24 +145,25 @@ async fn the_watchdog_is_not_pinged_once_a_task_hangs() {
     let gateway = GatewayConfig::new(cloud.port)
         .env("NOTIFY_SOCKET", &notify.path)
         .env("WATCHDOG_USEC", "1000000")
-        .env("BRIDGEHEAD_TEST_FAULT", "intake:hang")
+        .env("BRIDGEHEAD_TEST_FAULT", "broker:hang")
         .start();
     notify
         .wait_for("WATCHDOG=1", started, Duration::from_secs(20))
         .await
         .expect("no watchdog ping before the hang");
 
-    // The intake stops being polled 3 s after it started; give the probes time to notice.
+    // The broker's task stops being polled 3 s after it started; give the probes time to
+    // notice.
     tokio::time::sleep_until((started + Duration::from_secs(5)).into()).await;
     let quiet_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         notify.count("WATCHDOG=1", quiet_from),
         0,
-        "the watchdog was pinged while the intake hung"
+        "the watchdog was pinged while the broker's task hung"
     );
     assert!(
-        gateway.log().contains("tasks not answering") && gateway.log().contains("intake"),
+        gateway.log().contains("tasks not answering") && gateway.log().contains("broker"),
         "the log does not name the hung task:\n{}",
         gateway.log()
     );
@@ -173,13 +174,13 @@ async fn a_supervised_task_that_stops_ends_the_process_non_zero() {
     let _serial = support::serial().await;
     let cloud = Mosquitto::start();
     let mut gateway = GatewayConfig::new(cloud.port)
-        .env("BRIDGEHEAD_TEST_FAULT", "intake:exit")
+        .env("BRIDGEHEAD_TEST_FAULT", "broker:exit")
         .start();
     let status = gateway
         .wait_exit(Duration::from_secs(15))
         .unwrap_or_else(|| {
             panic!(
-                "the gateway kept running without its intake:\n{}",
+                "the gateway kept running without its broker task:\n{}",
                 gateway.log()
             )
         });
@@ -187,7 +188,7 @@ async fn a_supervised_task_that_stops_ends_the_process_non_zero() {
     assert!(
         gateway
             .log()
-            .contains("the intake task stopped while the gateway was running"),
+            .contains("the broker task stopped while the gateway was running"),
         "{}",
         gateway.log()
     );

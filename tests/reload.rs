@@ -551,7 +551,7 @@ async fn moving_local_listen_keeps_connected_devices_connected() {
         sent,
     )]));
     assert!(
-        gateway.log().contains("front door applied (local.listen)"),
+        gateway.log().contains("listeners applied (local.listen)"),
         "{}",
         gateway.log()
     );

@@ -1,6 +1,6 @@
 //! A locked-down local broker: devices log in with passwords made by mosquitto_passwd or
 //! with TLS certificates, each user touches only its topics, nobody walks around the
-//! front door, and nothing a hostile client sends stops the others or loses a message.
+//! broker, and nothing a hostile client sends stops the others or loses a message.
 
 mod support;
 
@@ -285,43 +285,52 @@ async fn the_acl_keeps_each_user_to_its_topics() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_process_on_the_box_cannot_walk_around_the_front_door() {
+async fn a_device_cannot_take_over_the_gateways_own_sessions() {
     let _serial = support::serial().await;
     let cloud = Mosquitto::start();
     let gateway = Gateway::start(GatewayConfig::new(cloud.port));
-    // The status socket opens once rumqttd listens on its internal ports.
     gateway
         .wait_live(Duration::from_secs(10), "running", |_| true)
         .await;
-    let line = gateway
-        .wait_log(
-            Duration::from_secs(10),
-            &["embedded broker started", "internal_v4"],
-        )
-        .await
-        .expect("the internal port is logged");
-    let internal: u16 = line
-        .split("internal_v4=127.0.0.1:")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|port| port.parse().ok())
-        .unwrap_or_else(|| panic!("no internal port in {line:?}"));
-
-    for connect in [
-        Connect::new("sneaky"),
-        Connect::new("sneaky").login("bridgehead-internal-front-door", "guess"),
-        Connect::new("bridgehead-internal-intake"),
+    // The downlink's and the field's sessions: a device taking one would cut them off.
+    for id in [
+        "bridgehead-internal-downlink",
+        "bridgehead-internal-field-commands",
     ] {
-        assert_eq!(
-            login(internal, connect.clone()).await,
-            None,
-            "rumqttd's internal port let {connect:?} in"
-        );
+        for connect in [Connect::new(id), Connect::new(id).v5()] {
+            let expected = if connect.v5 { 0x85 } else { 0x02 };
+            assert_eq!(
+                login(gateway.local_port, connect.clone()).await,
+                Some(expected),
+                "{connect:?} was let in"
+            );
+        }
     }
-    // Through the front door the same device is welcome.
+    // The same device under its own id is welcome.
     assert_eq!(
         login(gateway.local_port, Connect::new("sneaky")).await,
         ACCEPTED
+    );
+    // And commands still reach devices: the downlink's session is untouched.
+    let mut fan = LocalSubscriber::connect(
+        gateway.local_port,
+        "fan",
+        true,
+        Some(("warehouse/fan", QoS::AtLeastOnce)),
+    )
+    .await;
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    let command = format!("{}warehouse/fan", support::COMMAND_PREFIX);
+    support::publish_all(
+        cloud.port,
+        "operator",
+        QoS::AtLeastOnce,
+        vec![(command, b"ON".to_vec())],
+    )
+    .await;
+    assert_eq!(
+        fan.recv(Duration::from_secs(5)).await.map(|r| r.payload),
+        Some("ON".to_string())
     );
 }
 
@@ -425,7 +434,7 @@ async fn devices_use_tls_with_the_tools_they_know() {
         .wait_status(
             Duration::from_secs(5),
             "the stalled handshake counted",
-            |s| counter(s, "front_door_timeouts") >= 1,
+            |s| counter(s, "connect_timeouts") >= 1,
         )
         .await;
 }
@@ -602,9 +611,9 @@ async fn hostile_input_while_20k_messages_stream_loses_nothing() {
             Duration::from_secs(10),
             "every hostile input counted",
             |s| {
-                counter(s, "front_door_timeouts") >= 101
-                    && counter(s, "front_door_malformed") >= 1
-                    && counter(s, "front_door_oversize") >= 101
+                counter(s, "connect_timeouts") >= 101
+                    && counter(s, "malformed_packets") >= 1
+                    && counter(s, "oversize_packets") >= 101
                     && counter(s, "subscriptions_refused") >= 50
             },
         )

@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use support::{
@@ -537,5 +538,124 @@ async fn at_100_messages_a_second_on_a_healthy_link_the_gateway_spares_the_disk(
     assert!(
         written <= 800 * 50,
         "{written} bytes written for 800 messages"
+    );
+}
+
+/// The sequence number of a `seq_payload`.
+fn seq_of(payload: &str) -> usize {
+    payload
+        .rsplit(':')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not a sequenced payload: {payload}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_2000_msg_per_s_stream_loses_nothing_acknowledged() {
+    let _serial = support::serial().await;
+    const DEVICES: usize = 4;
+    const RATE: u32 = 500;
+    const MAX: usize = 10_000;
+    let cloud = Mosquitto::start();
+    let collector = Collector::start(cloud.port, TELEMETRY_FILTER).await;
+    // Never cut: a cloud 200 ms away, so that SIGTERM finds messages the cloud has not
+    // acknowledged and that the shipped commit_interval has not written yet. It also
+    // counts the gateway's cloud connections, for the duplicate bound.
+    let link = Proxy::start(cloud.port).await;
+    let mut gateway = Gateway::start(config(link.port).set_str("queue", "commit_interval", "1s"));
+    gateway.wait_cloud_up(Duration::from_secs(20)).await;
+    link.slow_down(Duration::from_millis(200));
+
+    let port = gateway.local_port;
+    let devices: Vec<_> = (0..DEVICES)
+        .map(|d| {
+            tokio::spawn(async move {
+                let id = format!("device-{d}");
+                let topic = format!("warehouse/load/{id}");
+                support::stream_until_closed(port, &id, &topic, RATE, MAX).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let (status, took) = gateway.terminate();
+    let mut streams = Vec::new();
+    for device in devices {
+        streams.push(device.await.expect("a device panicked"));
+    }
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    link.slow_down(Duration::ZERO);
+    gateway.start_again();
+
+    let sent: usize = streams.iter().map(|s| s.sent).sum();
+    let acked: usize = streams.iter().map(|s| s.acked.len()).sum();
+    let lasted = streams.iter().map(|s| s.lasted).max().unwrap_or_default();
+    println!(
+        "{sent} sent in {lasted:?} ({:.0} msg/s), {acked} acknowledged; SIGTERM took {took:?}",
+        sent as f64 / lasted.as_secs_f64()
+    );
+    assert!(
+        streams.iter().all(|s| s.sent < MAX) && acked >= 2_000,
+        "SIGTERM did not come in the middle of a stream: {streams:?}"
+    );
+    let missing = || {
+        let deliveries = collector.deliveries();
+        let mut missing = Vec::new();
+        for s in &streams {
+            let cloud_topic = format!("{}{}", support::CLOUD_PREFIX, s.topic);
+            let got: HashSet<usize> = deliveries
+                .first
+                .get(&cloud_topic)
+                .map(|payloads| payloads.iter().map(|p| seq_of(p)).collect())
+                .unwrap_or_default();
+            missing.extend(
+                s.acked
+                    .iter()
+                    .filter(|seq| !got.contains(seq))
+                    .map(|seq| support::seq_payload(&s.client_id, *seq)),
+            );
+        }
+        missing
+    };
+    let all_there = support::wait_until(Duration::from_secs(30), || missing().is_empty()).await;
+    let lost = missing();
+    assert!(
+        all_there,
+        "{} acknowledged messages never reached the cloud (first: {:?}):\n{}",
+        lost.len(),
+        lost.first(),
+        gateway.log()
+    );
+
+    let deliveries = collector.deliveries();
+    for s in &streams {
+        let cloud_topic = format!("{}{}", support::CLOUD_PREFIX, s.topic);
+        let seqs: Vec<usize> = deliveries.first[&cloud_topic]
+            .iter()
+            .map(|p| seq_of(p))
+            .collect();
+        let out_of_order = seqs.windows(2).position(|w| w[0] >= w[1]);
+        assert_eq!(
+            out_of_order,
+            None,
+            "{cloud_topic}: first deliveries out of order at {out_of_order:?}: {:?}",
+            out_of_order.map(|i| &seqs[i..(i + 2)])
+        );
+        assert!(
+            seqs.iter().all(|seq| *seq < s.sent),
+            "{cloud_topic}: a message that was never sent"
+        );
+    }
+    // Two connections (telemetry, commands) per start: every connection after the first
+    // two is at most one reconnect of the telemetry link.
+    let reconnects = link.connections().saturating_sub(2).max(1);
+    println!(
+        "{} in the cloud, {} duplicates over {reconnects} reconnect(s)",
+        collector.distinct(),
+        deliveries.duplicates
+    );
+    assert!(
+        deliveries.duplicates <= MAX_INFLIGHT * reconnects,
+        "{} duplicates, more than cloud.max_inflight ({MAX_INFLIGHT}) per reconnect ({reconnects})",
+        deliveries.duplicates
     );
 }

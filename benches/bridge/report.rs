@@ -1,5 +1,6 @@
 //! One markdown table per workload, the same columns for all; `-` where a figure does not
-//! apply (the cloud's own costs are never shown: direct has no gateway).
+//! apply (the cloud's own costs are never shown: direct has no gateway). The idle
+//! connections' memory has a table of its own.
 
 use crate::setups::Setup;
 
@@ -19,6 +20,10 @@ pub struct Row {
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub notes: Vec<String>,
+    /// QoS 0: losses are reported, never a failure.
+    pub best_effort: bool,
+    /// The setup could not run (no baseline binary given): every figure is `-`.
+    pub not_run: bool,
 }
 
 impl Row {
@@ -73,16 +78,20 @@ impl Table {
             "p99 ms",
             "notes",
         ];
-        let rows: Vec<[String; 12]> = self
+        let rows: Vec<Vec<String>> = self
             .rows
             .iter()
             .map(|r| {
-                [
+                let count = |n: usize| match r.not_run {
+                    true => "-".to_string(),
+                    false => n.to_string(),
+                };
+                vec![
                     r.name(),
-                    r.sent.to_string(),
-                    r.arrived.to_string(),
-                    r.lost.to_string(),
-                    r.duplicates.to_string(),
+                    count(r.sent),
+                    count(r.arrived),
+                    count(r.lost),
+                    count(r.duplicates),
                     opt(r.rate, 0),
                     opt(r.bytes_per_msg, 1),
                     opt(r.cpu_us_per_msg, 1),
@@ -93,40 +102,95 @@ impl Table {
                 ]
             })
             .collect();
-        let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        // The notes column is last and free text: not padded.
-        widths[11] = 5;
-        let line = |cells: Vec<String>| {
-            let padded: Vec<String> = cells
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    let pad = widths[i].saturating_sub(c.chars().count());
-                    match i {
-                        0 | 11 => format!("{c}{}", " ".repeat(pad)),
-                        _ => format!("{}{c}", " ".repeat(pad)),
-                    }
-                })
-                .collect();
-            println!("| {} |", padded.join(" | "));
-        };
-        line(header.iter().map(|h| h.to_string()).collect());
-        let rule: Vec<String> = widths
+        print_grid(&header, rows);
+    }
+}
+
+/// One broker's resident memory before and with idle device connections.
+pub struct MemoryRow {
+    pub setup: Setup,
+    /// Devices connected and subscribed (`None`: the setup could not run).
+    pub connections: Option<usize>,
+    pub before_mib: Option<f64>,
+    pub with_mib: Option<f64>,
+    pub notes: Vec<String>,
+}
+
+pub struct MemoryTable {
+    pub title: String,
+    pub rows: Vec<MemoryRow>,
+}
+
+impl MemoryTable {
+    pub fn print(&self) {
+        println!("\n### {}\n", self.title);
+        let header = [
+            "setup",
+            "connections",
+            "RSS before MiB",
+            "RSS with them MiB",
+            "difference MiB",
+            "KiB per connection",
+            "notes",
+        ];
+        let rows = self
+            .rows
             .iter()
-            .enumerate()
-            .map(|(i, w)| match i {
-                0 | 11 => "-".repeat(w + 2),
-                _ => format!("{}:", "-".repeat(w + 1)),
+            .map(|r| {
+                let difference = r.with_mib.zip(r.before_mib).map(|(w, b)| w - b);
+                let per_connection = difference
+                    .zip(r.connections.filter(|n| *n > 0))
+                    .map(|(d, n)| d * 1024.0 / n as f64);
+                vec![
+                    r.setup.name().to_string(),
+                    r.connections.map_or_else(|| "-".into(), |n| n.to_string()),
+                    opt(r.before_mib, 1),
+                    opt(r.with_mib, 1),
+                    opt(difference, 1),
+                    opt(per_connection, 1),
+                    r.notes.join("; "),
+                ]
             })
             .collect();
-        println!("|{}|", rule.join("|"));
-        for row in rows {
-            line(row.to_vec());
+        print_grid(&header, rows);
+    }
+}
+
+/// A markdown table: the first and last columns left-aligned, the others right-aligned;
+/// the last (free text) not padded.
+fn print_grid(header: &[&str], rows: Vec<Vec<String>>) {
+    let last = header.len() - 1;
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row).take(last) {
+            *w = (*w).max(cell.chars().count());
         }
+    }
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let pad = " ".repeat(widths[i].saturating_sub(c.chars().count()));
+                match i == 0 || i == last {
+                    true => format!("{c}{pad}"),
+                    false => format!("{pad}{c}"),
+                }
+            })
+            .collect();
+        println!("| {} |", padded.join(" | "));
+    };
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>());
+    let rule: Vec<String> = widths
+        .iter()
+        .enumerate()
+        .map(|(i, w)| match i == 0 || i == last {
+            true => "-".repeat(w + 2),
+            false => format!("{}:", "-".repeat(w + 1)),
+        })
+        .collect();
+    println!("|{}|", rule.join("|"));
+    for row in &rows {
+        line(row);
     }
 }

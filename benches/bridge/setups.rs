@@ -1,7 +1,9 @@
-//! The four ways devices reach the cloud, and what the gateway process costs, read from
-//! /proc of that process alone (never the cloud broker's, never the bench's).
+//! The four ways devices reach the cloud, the local brokers the broker-alone workloads
+//! compare, and what the gateway process costs, read from /proc of that process alone
+//! (never the cloud broker's, never the bench's).
 
 use std::fs;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -23,6 +25,11 @@ pub enum Setup {
     /// bridgehead with 20 `[[rule]]`s, one of them on every device message (what the
     /// local automation costs per message).
     BridgeheadRules,
+    /// mosquitto as a plain site broker on its defaults: no bridge, no persistence.
+    MosquittoPlain,
+    /// Today's main: the rumqttd-based release build named by `BENCH_BASELINE_BIN`, on the
+    /// same config as [`Setup::Bridgehead`]. Its losses are reported, never a failure.
+    Baseline,
 }
 
 impl Setup {
@@ -34,10 +41,13 @@ impl Setup {
             Setup::MosquittoTuned => "mosquitto bridge, tuned",
             Setup::BridgeheadAcl => "bridgehead + acl_file",
             Setup::BridgeheadRules => "bridgehead + 20 rules",
+            Setup::MosquittoPlain => "mosquitto, no bridge",
+            Setup::Baseline => "bridgehead, today's main",
         }
     }
 
-    /// Whether this is bridgehead (in some configuration): its losses fail the run.
+    /// Whether this is this branch's bridgehead (in some configuration): its losses fail
+    /// the run.
     pub fn is_bridgehead(self) -> bool {
         matches!(
             self,
@@ -84,6 +94,17 @@ fn bench_rules(count: usize) -> String {
 /// The tuned mosquitto's queue: large enough for the 1M backlog row.
 const TUNED_MAX_QUEUED: usize = 2_000_000;
 
+/// Room for the broker-alone workloads' connections: 1000 idle devices and the bench's
+/// own (the gateway's default `local.max_connections` is 1000).
+const ALONE_MAX_CONNECTIONS: usize = 2000;
+
+/// The baseline binary of [`Setup::Baseline`] (`BENCH_BASELINE_BIN`), if set.
+pub fn baseline_bin() -> Option<PathBuf> {
+    std::env::var_os("BENCH_BASELINE_BIN")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
 /// bridgehead on its shipped defaults (commit interval, metrics interval, in-flight window),
 /// run as its systemd unit runs it (`status.json` in the runtime directory, on tmpfs), except
 /// what the test peers need: loopback ports, a data dir on disk, and reconnects as quick as
@@ -107,8 +128,19 @@ impl Local {
         match setup {
             Setup::Direct => Local::Direct(cloud_port),
             Setup::Bridgehead => Local::Bridgehead(Gateway::start(bridgehead_config(cloud_port))),
-            Setup::MosquittoStock => Local::Mosquitto(LocalMosquitto::start(cloud_port, false)),
-            Setup::MosquittoTuned => Local::Mosquitto(LocalMosquitto::start(cloud_port, true)),
+            Setup::MosquittoStock => {
+                Local::Mosquitto(LocalMosquitto::start(cloud_port, Bridge::Stock))
+            }
+            Setup::MosquittoTuned => {
+                Local::Mosquitto(LocalMosquitto::start(cloud_port, Bridge::Tuned))
+            }
+            Setup::MosquittoPlain => Local::Mosquitto(LocalMosquitto::start(0, Bridge::None)),
+            Setup::Baseline => {
+                let program = baseline_bin().expect("BENCH_BASELINE_BIN is not set");
+                Local::Bridgehead(Gateway::start(
+                    bridgehead_config(cloud_port).program(&program),
+                ))
+            }
             Setup::BridgeheadAcl => {
                 let config = bridgehead_config(cloud_port);
                 let acl = config.dir().join("acl");
@@ -122,7 +154,28 @@ impl Local {
         }
     }
 
-    /// Where devices connect (MQTT 3.1.1).
+    /// A local broker for the broker-alone workloads: room for
+    /// [`ALONE_MAX_CONNECTIONS`]; a gateway still has its cloud link (to `cloud_port`),
+    /// which the workloads' topics (outside `warehouse/`) never use. `None` for the
+    /// baseline when `BENCH_BASELINE_BIN` is not set.
+    pub fn alone(setup: Setup, cloud_port: u16) -> Option<Local> {
+        let config = || {
+            bridgehead_config(cloud_port).set(
+                "local",
+                "max_connections",
+                &ALONE_MAX_CONNECTIONS.to_string(),
+            )
+        };
+        Some(match setup {
+            Setup::Bridgehead => Local::Bridgehead(Gateway::start(config())),
+            Setup::Baseline => {
+                Local::Bridgehead(Gateway::start(config().program(&baseline_bin()?)))
+            }
+            _ => Local::start(setup, cloud_port),
+        })
+    }
+
+    /// Where devices connect (MQTT 3.1.1; bridgehead and mosquitto take MQTT 5 there too).
     pub fn port(&self) -> u16 {
         match self {
             Local::Direct(port) => *port,
@@ -137,6 +190,17 @@ impl Local {
             Local::Direct(_) => None,
             Local::Bridgehead(g) => g.pid(),
             Local::Mosquitto(m) => m.child.as_ref().map(Child::id),
+        }
+    }
+
+    /// What the process logged so far (a gateway's log, mosquitto's).
+    pub fn log(&self) -> String {
+        match self {
+            Local::Direct(_) => String::new(),
+            Local::Bridgehead(g) => g.log(),
+            Local::Mosquitto(m) => {
+                fs::read_to_string(m.dir.path().join("mosquitto.log")).unwrap_or_default()
+            }
         }
     }
 
@@ -239,10 +303,19 @@ fn status_kib(pid: u32, key: &str) -> Option<u64> {
         .ok()
 }
 
+/// Which bridge a [`LocalMosquitto`] runs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Bridge {
+    /// No bridge, no persistence: a plain site broker on mosquitto's defaults.
+    None,
+    Stock,
+    Tuned,
+}
+
 /// mosquitto as a site broker bridging `warehouse/#` up and the command topics down, the
 /// way its manual shows. Stock: everything else at mosquitto's defaults, persistence on
 /// (as Debian ships it). Tuned: `max_queued_messages` raised and the store saved every
-/// second (`autosave_interval 1`).
+/// second (`autosave_interval 1`). Or no bridge at all.
 pub struct LocalMosquitto {
     dir: tempfile::TempDir,
     pub port: u16,
@@ -250,23 +323,29 @@ pub struct LocalMosquitto {
 }
 
 impl LocalMosquitto {
-    fn start(cloud_port: u16, tuned: bool) -> Self {
+    fn start(cloud_port: u16, bridge: Bridge) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = free_port();
-        let tuning = if tuned {
-            format!("max_queued_messages {TUNED_MAX_QUEUED}\nautosave_interval 1\n")
-        } else {
-            String::new()
+        let tuning = match bridge {
+            Bridge::Tuned => {
+                format!("max_queued_messages {TUNED_MAX_QUEUED}\nautosave_interval 1\n")
+            }
+            _ => String::new(),
         };
-        let conf = format!(
-            "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n\
-             persistence true\npersistence_location {dir}/\n{tuning}\
-             connection cloud\naddress 127.0.0.1:{cloud_port}\nclientid gw-test-mosquitto\n\
-             cleansession false\nrestart_timeout 1\n\
-             topic warehouse/# out 1 \"\" fleet/gw-test/\n\
-             topic # in 1 \"\" fleet/gw-test/cmd/\n",
-            dir = dir.path().display()
-        );
+        let listener = format!("user root\nlistener {port} 127.0.0.1\nallow_anonymous true\n");
+        let conf = match bridge {
+            // max_connections -1 is mosquitto's default; said here because 1000 idle
+            // devices rely on it.
+            Bridge::None => format!("{listener}max_connections -1\n"),
+            _ => format!(
+                "{listener}persistence true\npersistence_location {dir}/\n{tuning}\
+                 connection cloud\naddress 127.0.0.1:{cloud_port}\nclientid gw-test-mosquitto\n\
+                 cleansession false\nrestart_timeout 1\n\
+                 topic warehouse/# out 1 \"\" fleet/gw-test/\n\
+                 topic # in 1 \"\" fleet/gw-test/cmd/\n",
+                dir = dir.path().display()
+            ),
+        };
         fs::write(dir.path().join("mosquitto.conf"), conf).expect("writing mosquitto.conf");
         let mut m = LocalMosquitto {
             dir,

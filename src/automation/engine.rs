@@ -208,8 +208,7 @@ impl Rule {
         let output = match self.outputs.entry(self.template.fill(&captures)) {
             Entry::Occupied(entry) => entry.into_mut(),
             Entry::Vacant(entry) => {
-                // rumqttd does not check publish topics: a device's topic with a wildcard
-                // character would make one here.
+                // The template may make a topic MQTT does not allow (too long).
                 let refused = match topics::valid_topic(entry.key()) {
                     Err(why) => Some(format!("it {why}")),
                     Ok(()) if outputs_full => {

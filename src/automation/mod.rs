@@ -1,14 +1,15 @@
 //! Local automation: `[[rule]]` threshold rules that the gateway runs itself, so that the
 //! site looks after itself while the cloud is away.
 //!
-//! The intake, which reads every local message once, offers each to the [`Feed`]; those a
-//! rule's topic matches reach the rule task in batches, and the intake never waits for it.
-//! The rule task owns every rule's state ([`engine`]), keeps monotonic time for staleness
-//! and `min_interval`, and publishes decisions into the local broker on a link of its own,
-//! so MQTT actuators and Modbus/serial writers act on them like on any command.
+//! The broker's intake offers every local message, as it is published, to the [`Feed`];
+//! those a rule's topic matches reach the rule task in batches, and no publisher ever
+//! waits for it. The rule task owns every rule's state ([`engine`]), keeps monotonic time
+//! for staleness and `min_interval`, and publishes decisions into the local broker with a
+//! client of its own, so MQTT actuators and Modbus/serial writers act on them like on any
+//! command.
 //!
-//! rumqttd's messages carry no origin: a decision reaches the intake like a device's
-//! message (and goes up when an `[[uplink]]` rule matches it). `check` refuses a rule whose
+//! A decision reaches the intake like a device's message (and goes up when an `[[uplink]]`
+//! rule matches it, so the cloud sees what the site decided). `check` refuses a rule whose
 //! output topics a rule's topic can match, so that a decision never feeds a decision.
 
 pub mod engine;
@@ -19,14 +20,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttd::local::LinkError;
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::Notification;
 use tokio::sync::mpsc::{self, error::TrySendError};
 use tokio::sync::watch;
 use tracing::{error, warn};
 
-use crate::broker::Link;
+use crate::broker::internal::{Client, Publication as BrokerPublication, PublishError};
+use crate::broker::message::Completion;
 use crate::config::{Qos, ThresholdRule};
 use crate::health::{add, inc, RateLimit, SharedHealth};
 use crate::supervisor::Probe;
@@ -46,7 +45,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 /// A local message a rule's topic matched.
 #[derive(Debug)]
 pub struct Reading {
-    topic: Bytes,
+    topic: Arc<str>,
     payload: Bytes,
 }
 
@@ -81,21 +80,21 @@ pub struct Feed {
     overrun_log: RateLimit,
 }
 
-impl Feed {
-    /// Whether the config has rules.
-    pub fn has_rules(&mut self) -> bool {
-        self.refresh();
-        !self.current.is_empty()
-    }
-
-    /// Waits until a reload changes the rules, and takes them.
-    pub async fn changed(&mut self) {
-        if self.rules.changed().await.is_err() {
-            std::future::pending::<()>().await;
+impl Clone for Feed {
+    /// Another publisher's feed to the same rule task.
+    fn clone(&self) -> Self {
+        Feed {
+            rules: self.rules.clone(),
+            current: self.current.clone(),
+            batch: Vec::new(),
+            tx: self.tx.clone(),
+            health: self.health.clone(),
+            overrun_log: RateLimit::new(Duration::from_secs(10)),
         }
-        self.current = self.rules.borrow_and_update().clone();
     }
+}
 
+impl Feed {
     /// Takes the rules a reload sent, if any.
     pub fn refresh(&mut self) {
         if self.rules.has_changed().unwrap_or(false) {
@@ -103,16 +102,19 @@ impl Feed {
         }
     }
 
-    /// A local message on `topic` (`publish.topic` as text).
-    pub fn offer(&mut self, topic: &str, publish: &Publish) {
+    /// A local message, as it is published.
+    pub fn offer(&mut self, topic: &Arc<str>, payload: &Bytes) {
+        if self.batch.is_empty() {
+            self.refresh();
+        }
         if self
             .current
             .iter()
             .any(|r| topics::matches(&r.topic, topic))
         {
             self.batch.push(Reading {
-                topic: publish.topic.clone(),
-                payload: publish.payload.clone(),
+                topic: topic.clone(),
+                payload: payload.clone(),
             });
         }
     }
@@ -154,12 +156,11 @@ impl Feed {
 }
 
 /// The rule task: evaluates the readings the intake hands over, keeps time for staleness
-/// and `min_interval`, and publishes decisions on `link`. Returns at shutdown, or when the
-/// link to the broker fails (the rules could not act any more: the supervisor restarts the
-/// gateway).
+/// and `min_interval`, and publishes decisions with `client`. Returns at shutdown, or when
+/// the broker can no longer take its publications (the rules could not act any more: the
+/// supervisor restarts the gateway).
 pub async fn run(
-    mut link: Link,
-    state: Option<crate::state::State>,
+    mut client: Client,
     mut rules: watch::Receiver<RuleSet>,
     mut readings: mpsc::Receiver<Vec<Reading>>,
     health: SharedHealth,
@@ -168,7 +169,7 @@ pub async fn run(
 ) {
     let mut engine = Engine::new(health.clone());
     engine.apply(&rules.borrow_and_update(), Instant::now());
-    let mut broker = Confirmations::default();
+    let mut broker = Confirmations::new();
     let mut out = Vec::new();
     let (mut rules_open, mut readings_open) = (true, true);
     loop {
@@ -184,9 +185,7 @@ pub async fn run(
                 Some(batch) => {
                     let now = Instant::now();
                     for reading in batch {
-                        if let Ok(topic) = std::str::from_utf8(&reading.topic) {
-                            engine.reading(topic, &reading.payload, now, &mut out);
-                        }
+                        engine.reading(&reading.topic, &reading.payload, now, &mut out);
                     }
                     probe.tick();
                 }
@@ -201,61 +200,85 @@ pub async fn run(
                 Ok(()) => engine.apply(&rules.borrow_and_update(), Instant::now()),
                 Err(_) => rules_open = false,
             },
-            next = link.next() => {
-                if let Err(e) = broker.notified(next) {
-                    error!(error = %e, "the rules' link to the local broker failed; rules cannot act");
-                    return;
-                }
-            }
+            Some(key) = broker.completed.recv() => broker.confirmed(key),
             _ = probe.serve() => {}
             _ = shutdown.changed() => return,
         }
         for publication in out.drain(..) {
-            if let Err(e) = broker.publish(&mut link, state.as_ref(), publication).await {
-                error!(error = %e, "the rules' link to the local broker failed; rules cannot act");
+            if let Err(e) = broker.publish(&mut client, publication, &health).await {
+                error!(error = %e, "the local broker cannot take the rules' publications; rules cannot act");
                 return;
             }
         }
     }
 }
 
-/// The rules' QoS 1 publications the broker has yet to confirm, oldest first.
-#[derive(Default)]
+/// The rules' QoS 1 publications whose hand-off is not complete yet, oldest first.
 struct Confirmations {
-    pkid: u16,
+    next: u64,
     waiting: VecDeque<Waiting>,
+    completions: mpsc::UnboundedSender<u64>,
+    completed: mpsc::UnboundedReceiver<u64>,
 }
 
 struct Waiting {
-    pkid: u16,
+    key: u64,
     since: Instant,
     topic: String,
     rule: Arc<RuleHealth>,
 }
 
 impl Confirmations {
+    fn new() -> Self {
+        let (completions, completed) = mpsc::unbounded_channel();
+        Confirmations {
+            next: 0,
+            waiting: VecDeque::new(),
+            completions,
+            completed,
+        }
+    }
+
     async fn publish(
         &mut self,
-        link: &mut Link,
-        state: Option<&crate::state::State>,
+        client: &mut Client,
         p: Publication,
-    ) -> Result<(), LinkError> {
-        let (pkid, qos) = match p.qos {
-            Qos::AtMostOnce => (None, 0),
+        health: &SharedHealth,
+    ) -> Result<(), PublishError> {
+        let completion = match p.qos {
+            Qos::AtMostOnce => None,
             Qos::AtLeastOnce => {
-                self.pkid = self.pkid.checked_add(1).unwrap_or(1);
-                (Some(self.pkid), 1)
+                self.next += 1;
+                Some(Completion {
+                    done: self.completions.clone(),
+                    key: self.next,
+                })
             }
         };
-        // A retained decision, and one queued for an offline actuator's persistent
-        // session, are recorded before the broker has them: a restart keeps both.
-        if let Some(state) = state {
-            state.published(&p.topic, &p.payload, qos, p.retain);
+        let key = completion.as_ref().map(|c| c.key);
+        let published = client
+            .publish(BrokerPublication {
+                topic: p.topic.clone(),
+                payload: p.payload,
+                qos: p.qos as u8,
+                retain: p.retain,
+                completion,
+            })
+            .await;
+        match published {
+            Ok(_) => {}
+            // An output topic that is not valid: that rule's problem, counted.
+            Err(PublishError::Topic { topic, why }) => {
+                inc(&p.rule.errors);
+                inc(&health.counters.rule_errors);
+                warn!(output = %topic, why, "a rule's output topic is not valid; not published");
+                return Ok(());
+            }
+            Err(e) => return Err(e),
         }
-        link.publish(&p.topic, p.payload, p.retain, pkid).await?;
-        if let Some(pkid) = pkid {
+        if let Some(key) = key {
             self.waiting.push_back(Waiting {
-                pkid,
+                key,
                 since: Instant::now(),
                 topic: p.topic,
                 rule: p.rule,
@@ -264,21 +287,10 @@ impl Confirmations {
         Ok(())
     }
 
-    /// A notification from the broker: the confirmation of a publication.
-    fn notified(&mut self, next: Result<Option<Notification>, LinkError>) -> Result<(), String> {
-        // rumqttd does not export its Ack type; its Packet form is public.
-        match next
-            .map_err(|e| e.to_string())?
-            .and_then(Option::<Packet>::from)
-        {
-            Some(Packet::PubAck(ack, _)) => {
-                if let Some(i) = self.waiting.iter().position(|w| w.pkid == ack.pkid) {
-                    self.waiting.remove(i);
-                }
-                Ok(())
-            }
-            Some(Packet::Disconnect(..)) => Err("disconnected by the broker".into()),
-            _ => Ok(()),
+    /// The hand-off of publication `key` completed.
+    fn confirmed(&mut self, key: u64) {
+        if let Some(i) = self.waiting.iter().position(|w| w.key == key) {
+            self.waiting.remove(i);
         }
     }
 
@@ -294,7 +306,7 @@ impl Confirmations {
             }
             inc(&w.rule.errors);
             inc(&health.counters.rule_errors);
-            warn!(output = %w.topic, "the local broker did not confirm a rule's publication within {CONFIRM_TIMEOUT:?}");
+            warn!(output = %w.topic, "a subscriber of a rule's output did not acknowledge it within {CONFIRM_TIMEOUT:?}");
             self.waiting.pop_front();
         }
     }

@@ -18,7 +18,7 @@ use base64::Engine;
 use sha2::{Digest, Sha512};
 use subtle::ConstantTimeEq;
 
-use super::packet::Protocol;
+use super::codec::Protocol;
 
 /// PBKDF2 iterations above this are refused when the file is read: one login must not
 /// cost a Pi seconds of CPU.

@@ -1,161 +1,151 @@
-//! A client of rumqttd's internal ports, for what the gateway does there on a device's
-//! behalf: give a persistent session back its subscriptions after a restart (so rumqttd
-//! queues for it again before its device returns, and the device never sees SUBACKs it did
-//! not ask for), and end a session that MQTT 5 says must start afresh.
+//! The gateway's own clients of the broker: the downlink, the rules, the field devices and
+//! the status reporter publish through the router like any device (their messages carry
+//! their origin), and subscribe with a session of their own that hands over what it gets
+//! in batches. A QoS 1 publication may ask to learn when its hand-off is complete.
 
-use std::net::SocketAddr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::Instant;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use bytes::Bytes;
 
-use super::packet::{self, Budget, Connect, Framer, Packet, Protocol, Subscribe};
-use super::SideDoor;
-
-/// A whole exchange with rumqttd takes at most this.
-const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_PACKET: usize = 64 * 1024;
+use super::codec::SubOptions;
+use super::core::wake_all;
+use super::intake;
+use super::message::{Completion, Message, Origin, OriginKind, Token};
+use super::router::{Filter, Sub};
+use super::session::{SessionKey, Signal};
+use super::Shared;
+use crate::outbox::OutboxError;
 
 #[derive(Debug, thiserror::Error)]
-pub enum InternalError {
-    #[error("talking to the embedded broker at {addr}: {error}")]
-    Io {
-        addr: SocketAddr,
-        error: std::io::Error,
-    },
-    #[error("the embedded broker at {addr} did not answer within {EXCHANGE_TIMEOUT:?}")]
-    Timeout { addr: SocketAddr },
-    #[error("the embedded broker at {addr} answered {what}")]
-    Unexpected { addr: SocketAddr, what: String },
+pub enum PublishError {
+    #[error("topic {topic:?} {why}")]
+    Topic { topic: String, why: String },
+    #[error("{0}")]
+    Outbox(#[from] OutboxError),
 }
 
-/// Connects as `client_id` without clean start, subscribes to `filters` (filter, options)
-/// and disconnects: rumqttd then holds the session with these subscriptions, offline.
-pub async fn restore_session(
-    addr: SocketAddr,
-    side_door: &SideDoor,
-    protocol: Protocol,
-    client_id: &str,
-    filters: &[(String, u8)],
-) -> Result<(), InternalError> {
-    let filters: Vec<(&str, u8)> = filters.iter().map(|(f, o)| (f.as_str(), *o)).collect();
-    exchange(addr, side_door, protocol, client_id, false, &filters).await
+/// What an in-process client publishes.
+#[derive(Debug)]
+pub struct Publication {
+    pub topic: String,
+    pub payload: Bytes,
+    pub qos: u8,
+    pub retain: bool,
+    /// Told once every subscriber that was to get it at QoS 1/2 acknowledged it (or it is
+    /// held for an offline persistent session).
+    pub completion: Option<Completion>,
 }
 
-/// Connects as `client_id` with clean start and disconnects: rumqttd forgets the session.
-pub async fn end_session(
-    addr: SocketAddr,
-    side_door: &SideDoor,
-    protocol: Protocol,
-    client_id: &str,
-) -> Result<(), InternalError> {
-    exchange(addr, side_door, protocol, client_id, true, &[]).await
+pub struct Client {
+    shared: Arc<Shared>,
+    key: SessionKey,
+    signal: Arc<Signal>,
+    origin: Origin,
+    intake: intake::Batch,
 }
 
-async fn exchange(
-    addr: SocketAddr,
-    side_door: &SideDoor,
-    protocol: Protocol,
-    client_id: &str,
-    clean_start: bool,
-    filters: &[(&str, u8)],
-) -> Result<(), InternalError> {
-    let io = |error| InternalError::Io { addr, error };
-    let work = async {
-        let mut stream = TcpStream::connect(addr).await.map_err(io)?;
-        let connect = Connect {
-            level: if protocol == Protocol::V5 { 5 } else { 4 },
-            clean_start,
-            keep_alive: 60,
-            properties: &[],
-            client_id,
-            will: None,
-            username: Some(&side_door.username),
-            password: Some(side_door.password.as_bytes()),
+impl Client {
+    pub(super) fn open(shared: Arc<Shared>, name: &str, kind: OriginKind) -> Client {
+        let signal = Arc::new(Signal::default());
+        let (key, instance) = {
+            let mut core = shared.lock();
+            let key = core.open_internal(name, signal.clone());
+            let instance = core.sessions.get(key).map_or(0, |s| s.instance);
+            (key, instance)
         };
-        stream.write_all(&connect.encode()).await.map_err(io)?;
-        let mut framer = Framer::new(MAX_PACKET, Budget::new(usize::MAX));
-        match next(&mut stream, &mut framer, protocol, addr).await? {
-            Answer::ConnAck(0) => {}
-            other => return Err(unexpected(addr, other)),
+        let intake = shared.intake.batch();
+        Client {
+            shared,
+            key,
+            signal,
+            origin: Origin {
+                kind,
+                session: instance,
+            },
+            intake,
         }
-        if !filters.is_empty() {
-            let subscribe = Subscribe {
-                packet_id: 1,
-                properties: &[],
-                filters: filters.to_vec(),
-            };
-            stream
-                .write_all(&subscribe.encode(protocol, filters))
-                .await
-                .map_err(io)?;
-            loop {
-                match next(&mut stream, &mut framer, protocol, addr).await? {
-                    Answer::SubAck => break,
-                    // Retained messages for the new subscriptions: not ours to take.
-                    Answer::Other => {}
-                    other => return Err(unexpected(addr, other)),
+    }
+
+    /// Subscribes this client's session to `filter` at `qos`.
+    pub fn subscribe(&mut self, filter: &str, qos: u8) -> Result<(), &'static str> {
+        let parsed = Filter::parse(filter)?;
+        let sub = Sub {
+            session: self.key,
+            options: SubOptions {
+                qos,
+                ..SubOptions::default()
+            },
+            id: 0,
+        };
+        let mut wake = Vec::new();
+        self.shared
+            .lock()
+            .subscribe(self.key, filter, parsed, sub, &mut wake);
+        wake_all(&mut wake);
+        Ok(())
+    }
+
+    pub fn unsubscribe(&mut self, filter: &str) {
+        self.shared.lock().unsubscribe(self.key, filter);
+    }
+
+    /// Publishes through the router, and hands it to the intake (the outbox, when an
+    /// `[[uplink]]` rule matches; waits while the outbox is saturated).
+    pub async fn publish(&mut self, p: Publication) -> Result<usize, PublishError> {
+        if let Err(why) = crate::topics::valid_topic(&p.topic) {
+            return Err(PublishError::Topic {
+                topic: p.topic,
+                why,
+            });
+        }
+        let msg = Arc::new(Message {
+            topic: p.topic.into(),
+            payload: p.payload,
+            qos: p.qos,
+            retain: p.retain,
+            props: Bytes::new(),
+            expires: None,
+            origin: self.origin,
+        });
+        let token = p.completion.map(Token::new);
+        let mut wake = Vec::new();
+        let deliveries = self.shared.lock().route(&msg, token.as_ref(), &mut wake);
+        drop(token);
+        wake_all(&mut wake);
+        self.intake.offer(&msg);
+        self.intake.flush().await?;
+        Ok(deliveries)
+    }
+
+    /// Waits for messages for this client's subscriptions and takes all that are queued
+    /// (their hand-off is complete once taken).
+    pub async fn recv(&mut self, out: &mut Vec<Arc<Message>>) {
+        loop {
+            {
+                let mut core = self.shared.lock();
+                let now = Instant::now();
+                if let Some(s) = core.sessions.get_mut(self.key) {
+                    s.wake_pending = false;
+                    out.extend(
+                        s.drain_queue()
+                            .filter(|q| !q.msg.expired(now))
+                            .map(|q| q.msg.clone()),
+                    );
                 }
             }
+            if !out.is_empty() {
+                return;
+            }
+            self.signal.notify.notified().await;
         }
-        stream
-            .write_all(&packet::DISCONNECT_PACKET)
-            .await
-            .map_err(io)?;
-        // rumqttd closes once it has handled the DISCONNECT: the session is saved then.
-        let mut rest = [0u8; 1024];
-        while stream.read(&mut rest).await.map_err(io)? > 0 {}
-        Ok(())
-    };
-    tokio::time::timeout(EXCHANGE_TIMEOUT, work)
-        .await
-        .map_err(|_| InternalError::Timeout { addr })?
-}
-
-#[derive(Debug)]
-enum Answer {
-    ConnAck(u8),
-    SubAck,
-    Other,
-    Closed,
-}
-
-fn unexpected(addr: SocketAddr, answer: Answer) -> InternalError {
-    InternalError::Unexpected {
-        addr,
-        what: format!("{answer:?}"),
     }
 }
 
-async fn next(
-    stream: &mut TcpStream,
-    framer: &mut Framer,
-    protocol: Protocol,
-    addr: SocketAddr,
-) -> Result<Answer, InternalError> {
-    let mut buf = [0u8; 4096];
-    loop {
-        let bad = |e: packet::PacketError| InternalError::Unexpected {
-            addr,
-            what: e.to_string(),
-        };
-        if let Some(frame) = framer.peek().map_err(bad)? {
-            let len = frame.len();
-            let answer = match Packet::parse(frame, protocol).map_err(bad)? {
-                Packet::ConnAck(ack) => Answer::ConnAck(ack.code),
-                Packet::SubAck(_) => Answer::SubAck,
-                _ => Answer::Other,
-            };
-            framer.consume(len);
-            return Ok(answer);
-        }
-        let n = stream
-            .read(&mut buf)
-            .await
-            .map_err(|error| InternalError::Io { addr, error })?;
-        if n == 0 {
-            return Ok(Answer::Closed);
-        }
-        framer.push(&buf[..n]).map_err(bad)?;
+impl Drop for Client {
+    fn drop(&mut self) {
+        let mut wake = Vec::new();
+        self.shared.lock().end_session(self.key, &mut wake);
+        wake_all(&mut wake);
     }
 }

@@ -1,263 +1,382 @@
-//! The site's local MQTT broker: embedded rumqttd behind our own front door, and the one
-//! intake subscription through which local messages reach the outbox.
+//! The site's local MQTT broker (3.1, 3.1.1 and 5 on every listener), in the gateway's own
+//! runtime.
 //!
-//! rumqttd listens only on internal loopback ports that take only the front door's
-//! per-start credential; devices connect to `local.listen` (and `local.tls_listen`), where
-//! the [`front_door`] authenticates them, fixes what rumqttd refuses (keepalive 0), keeps
-//! devices away from the internal link ids, and splices the connection through, packet by
-//! packet: [`packet`] frames and parses, [`hook`]s look at every packet ([`acl`] through
-//! the gate), [`auth`] and [`policy`] hold the password and ACL files, [`tls`] the device
-//! certificates.
+//! - [`listeners`] accept devices (TCP, TLS) within `local.max_connections`;
+//! - a [`connection`] task per device reads, frames ([`codec`]) and handles every packet:
+//!   [`connect`], publishes, acknowledgements, subscriptions, keep alive;
+//! - the [`core`] owns every [`session`], the subscription tree ([`router`]) and the
+//!   [`retained`] store, behind one lock, and keeps the journal [`persist`] writes to
+//!   `state.db` (write-behind: nothing for what a device acknowledges within
+//!   `queue.commit_interval`, nothing while idle);
+//! - the [`intake`] hands what `[[uplink]]` rules match to the outbox, and local messages
+//!   to the `[[rule]]`s, before the device's PUBACK;
+//! - [`internal`] clients are how the gateway's own parts publish and subscribe;
+//! - [`auth`], [`acl`], [`policy`] and [`tls`] decide who may connect and what they touch.
 
 pub mod acl;
 pub mod auth;
-pub mod front_door;
-mod gate;
-pub mod hook;
-mod intake;
+pub mod codec;
+mod connect;
+pub mod connection;
+pub mod core;
+pub mod intake;
 pub mod internal;
 pub mod listeners;
-pub mod packet;
+pub mod message;
+pub mod persist;
 pub mod policy;
+pub mod retained;
+pub mod router;
+pub mod session;
 pub mod tls;
 
-use std::collections::HashMap;
+#[cfg(test)]
+mod fuzz;
+#[cfg(test)]
+mod testing;
+
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
-use std::future::Future;
-use std::task::{Context, Poll, Waker};
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
+use tracing::{debug, warn};
 
-use bytes::{BufMut, Bytes, BytesMut};
-use rumqttd::local::{LinkError, LinkRx, LinkTx};
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::{Broker, ConnectionSettings, Notification, RouterConfig, ServerSettings};
-use tracing::{error, info};
+use self::core::{wake_all, Core, Limits};
+use codec::{Budget, PacketError};
+use connect::Refused;
+use connection::Close;
+use message::OriginKind;
+use policy::SharedPolicy;
 
-use crate::config::LocalConfig;
+use crate::config::{Config, LocalConfig};
+use crate::health::{inc, RateLimit, SharedHealth};
 
-pub use gate::GateFactory;
-pub use intake::{run_intake, IntakeRule, Rules as IntakeRules};
+pub use intake::{Intake, IntakeRule, Rules as IntakeRules};
 
-/// What MQTT 5 devices on `local.listen_v5` get and do not get (rumqttd 0.20's MQTT 5 is
-/// partial): said by `check` and logged at start for a config with `listen_v5`.
-pub const MQTT5_LIMITS: &str = "\
-MQTT 5 (local.listen_v5): session expiry intervals, retained messages at QoS 0 at their own \
-QoS, topic aliases from devices and a device's maximum packet size are honoured. Not yet: \
-message expiry intervals (a message is delivered however old it is), subscription \
-identifiers, a device's receive maximum for live messages (up to 100 QoS 1/2 messages are in \
-flight to any device; only messages queued before a restart keep to it), a message retained \
-at QoS 1 reaches a QoS 2 subscription at QoS 2, and the MQTT 5 properties of messages queued \
-or retained across a restart (user properties, content type, response topic).";
-
-/// Client ids of the gateway's own in-process links start with this; the front door refuses
-/// devices that try to use it (a device taking a link's id would disconnect the link).
+/// Client ids of the gateway's own subscribers start with this; devices may not use it.
 pub const INTERNAL_ID_PREFIX: &str = "bridgehead-internal-";
 
-/// Bytes each subscribed filter may hold in rumqttd's in-memory log before its oldest
-/// segment is dropped: a subscriber further behind than this loses data (`intake_overruns`).
-/// The log stays full once a burst filled it (segments are freed only on rollover), and
-/// small messages cost about twice their bytes there, so this is most of the gateway's
-/// memory after a burst: 4 x 8 MiB measured 85 MiB RSS after 200k messages, 4 x 2 MiB
-/// 47 MiB. 8 MiB is about 90k messages of 64 bytes, or 4 s of an intake stalled at 20k
-/// msg/s; the intake keeps up with the local side at 250k msg/s here.
-const SEGMENT_SIZE: usize = 2 << 20;
-const SEGMENT_COUNT: usize = 4;
+/// Room for topic, properties and headers on top of `local.max_payload` in a packet.
+const PACKET_OVERHEAD: usize = 64 * 1024;
+/// Bytes of unfinished device packets all connections may hold together (at least four of
+/// the largest packets).
+const BUFFERS: usize = 64 << 20;
+/// QoS 1/2 publishes a client may have unacknowledged toward the broker (MQTT 5 Receive
+/// Maximum in CONNACK).
+const RECEIVE_MAXIMUM: u16 = 1024;
+/// Topic aliases a client may set (MQTT 5 Topic Alias Maximum in CONNACK).
+const TOPIC_ALIAS_MAXIMUM: u16 = 64;
+/// Messages in flight to one client at most (its own Receive Maximum may be lower).
+const MAX_INFLIGHT: u16 = 1000;
 
-/// Room for topic and headers on top of `local.max_payload` in a packet.
-const PACKET_OVERHEAD: usize = 4096;
-
-#[derive(Debug, thiserror::Error)]
-pub enum BrokerError {
-    #[error("finding a free internal loopback port for the embedded broker: {0}")]
-    InternalPort(std::io::Error),
-    #[error("creating the in-process link {name}: {message}")]
-    Link { name: String, message: String },
-    #[error("starting the embedded broker thread: {0}")]
-    Thread(std::io::Error),
+/// Per-connection settings a reload can change (new connections take them).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Settings {
+    pub connect_timeout: Duration,
+    /// `local.max_keep_alive` in seconds.
+    pub max_keep_alive: Option<u16>,
+    pub max_connections: usize,
+    /// Largest packet a client may send (and is told in MQTT 5).
+    pub max_packet: usize,
+    pub max_subscriptions: usize,
+    pub receive_max: u16,
+    pub topic_alias_max: u16,
 }
 
-/// The embedded broker before it starts serving: links are made here.
-pub struct LocalBroker {
-    broker: Broker,
-    /// Where the front door sends MQTT 3.1.1 and MQTT 5 connections.
-    pub internal_v4: SocketAddr,
-    pub internal_v5: Option<SocketAddr>,
-    /// The only login rumqttd's internal ports take.
-    pub side_door: SideDoor,
-}
-
-/// The credential of the front door at rumqttd's internal ports, new at every start: a
-/// process on the box that connects to those ports directly does not know it, so it
-/// cannot walk around the front door's checks. The gateway's in-process links do not use
-/// TCP and need none.
-#[derive(Clone)]
-pub struct SideDoor {
-    pub username: String,
-    pub password: String,
-}
-
-impl SideDoor {
-    fn new() -> Self {
-        use rand::Rng;
-        let mut rng = rand::thread_rng();
-        let password: String = (0..32)
-            .map(|_| format!("{:02x}", rng.gen::<u8>()))
-            .collect();
-        SideDoor {
-            username: format!("{INTERNAL_ID_PREFIX}front-door"),
-            password,
+impl Settings {
+    pub fn of(local: &LocalConfig) -> Self {
+        Settings {
+            connect_timeout: local.connect_timeout,
+            max_keep_alive: local.max_keep_alive,
+            max_connections: local.max_connections,
+            max_packet: local.max_payload + PACKET_OVERHEAD,
+            max_subscriptions: local.security.max_subscriptions,
+            receive_max: RECEIVE_MAXIMUM,
+            topic_alias_max: TOPIC_ALIAS_MAXIMUM,
         }
     }
 }
 
-impl std::fmt::Debug for SideDoor {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SideDoor")
-            .field("username", &self.username)
-            .finish_non_exhaustive()
+/// The core's bounds a config asks for.
+pub fn limits(config: &Config) -> Limits {
+    Limits {
+        max_queued_messages: config.local.persistence.max_queued_messages,
+        max_queued_bytes: config.local.persistence.max_queued_bytes,
+        max_retained_size: config.local.persistence.max_retained_size as usize,
+        max_inflight: MAX_INFLIGHT,
+        commit_interval: config.queue.commit_interval,
     }
 }
 
-/// A bidirectional in-process connection to the router.
-pub struct Link {
-    pub tx: LinkTx,
-    pub rx: LinkRx,
+/// Everything the broker's tasks share.
+pub struct Shared {
+    core: Mutex<Core>,
+    pub settings: ArcSwap<Settings>,
+    pub policy: SharedPolicy,
+    pub health: SharedHealth,
+    pub intake: Intake,
+    pub budget: Arc<Budget>,
+    pub throttle: auth::Throttle,
+    pub logins_waiting: AtomicUsize,
+    /// Device connections now, held to the current `max_connections`.
+    active: Arc<AtomicUsize>,
+    pub next_conn: AtomicU64,
+    stopping: AtomicBool,
+    log: Mutex<RateLimit>,
+    login_log: Mutex<RateLimit>,
+    denied_log: Mutex<RateLimit>,
 }
 
-impl Link {
-    /// The next notification for this link. rumqttd stops feeding a link that was sent
-    /// `Unschedule` until the link says it is ready again (forgetting that stalls the link
-    /// and then loses data); that is done here, for every link. The ready signal is sent
-    /// synchronously, so cancelling this future never loses it.
-    pub async fn next(&mut self) -> Result<Option<Notification>, LinkError> {
-        loop {
-            match self.rx.next().await? {
-                Some(Notification::Unschedule) => self.rx.ready()?,
-                other => return Ok(other),
-            }
-        }
-    }
+/// One of `local.max_connections`, held while a device is connected. A counter rather
+/// than a semaphore, so that a reload can lower the limit below the connections already
+/// open (they stay; new ones wait for the count to fall).
+pub struct Permit(Arc<AtomicUsize>);
 
-    /// Publishes into the broker. With a packet id, at QoS 1: the broker's PUBACK for it
-    /// comes back on this link (a confirmed hand-off); without, at QoS 0. Returns once the
-    /// message is queued toward the router.
-    pub async fn publish(
-        &mut self,
-        topic: &str,
-        payload: Bytes,
-        retain: bool,
-        pkid: Option<u16>,
-    ) -> Result<(), LinkError> {
-        let publish = match pkid {
-            None => Publish::new(Bytes::copy_from_slice(topic.as_bytes()), payload, retain),
-            Some(pkid) => {
-                // rumqttd keeps Publish's QoS and packet id private; its own serialised form
-                // is the way to build a QoS 1 publish from outside.
-                let mut raw = BytesMut::with_capacity(5 + topic.len() + payload.len());
-                raw.put_u8(0b0011_0010 | retain as u8);
-                raw.put_u16(pkid);
-                raw.put_u16(topic.len() as u16);
-                raw.extend_from_slice(topic.as_bytes());
-                raw.extend_from_slice(&payload);
-                Publish::deserialize(raw.freeze())
-            }
-        };
-        self.tx
-            .send(Packet::Publish(publish, None))
-            .await
-            .map(|_| ())
-    }
-
-    /// The next notification if the broker has one ready, without waiting.
-    pub fn try_next(&mut self) -> Option<Result<Option<Notification>, LinkError>> {
-        let mut next = std::pin::pin!(self.next());
-        match next.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
-            Poll::Ready(result) => Some(result),
-            Poll::Pending => None,
-        }
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-impl LocalBroker {
-    pub fn new(config: &LocalConfig) -> Result<Self, BrokerError> {
-        let internal_v4 = free_loopback_port()?;
-        let internal_v5 = match config.listen_v5 {
-            Some(_) => Some(free_loopback_port()?),
-            None => None,
-        };
-        let side_door = SideDoor::new();
-        let login = HashMap::from([(side_door.username.clone(), side_door.password.clone())]);
-        let settings = |name: &str, listen: SocketAddr| ServerSettings {
-            name: name.to_owned(),
-            listen,
-            tls: None,
-            next_connection_delay_ms: 0,
-            connections: ConnectionSettings {
-                connection_timeout_ms: config.connect_timeout.as_millis().min(60_000) as u16,
-                max_payload_size: config.max_payload + PACKET_OVERHEAD,
-                max_inflight_count: 100,
-                auth: Some(login.clone()),
-                external_auth: None,
-                dynamic_filters: true,
-            },
-        };
-        let rumqttd_config = rumqttd::Config {
-            id: 0,
-            router: RouterConfig {
-                // Devices plus the gateway's own links.
-                max_connections: config.max_connections + 64,
-                max_outgoing_packet_count: 4096,
-                max_segment_size: SEGMENT_SIZE,
-                max_segment_count: SEGMENT_COUNT,
-                custom_segment: None,
-                initialized_filters: None,
-                shared_subscriptions_strategy: Default::default(),
-            },
-            v4: Some(HashMap::from([(
-                "v4".to_owned(),
-                settings("local-v4", internal_v4),
-            )])),
-            v5: internal_v5
-                .map(|addr| HashMap::from([("v5".to_owned(), settings("local-v5", addr))])),
-            ..Default::default()
-        };
-        Ok(LocalBroker {
-            broker: Broker::new(rumqttd_config),
-            internal_v4,
-            internal_v5,
-            side_door,
+fn locked<'a>(guard: &'a Mutex<RateLimit>) -> MutexGuard<'a, RateLimit> {
+    guard.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    pub fn new(
+        limits: Limits,
+        settings: Settings,
+        policy: SharedPolicy,
+        intake: Intake,
+        health: SharedHealth,
+    ) -> Arc<Shared> {
+        let budget = Budget::new(BUFFERS.max(4 * settings.max_packet));
+        Arc::new(Shared {
+            core: Mutex::new(Core::new(limits, health.clone())),
+            settings: ArcSwap::from_pointee(settings),
+            policy,
+            health,
+            intake,
+            budget,
+            throttle: auth::Throttle::default(),
+            logins_waiting: AtomicUsize::new(0),
+            active: Arc::new(AtomicUsize::new(0)),
+            next_conn: AtomicU64::new(1),
+            stopping: AtomicBool::new(false),
+            log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
+            login_log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
+            denied_log: Mutex::new(RateLimit::new(Duration::from_secs(10))),
         })
     }
 
-    /// A new in-process link named `bridgehead-internal-<name>`.
-    pub fn link(&self, name: &str) -> Result<Link, BrokerError> {
-        let id = format!("{INTERNAL_ID_PREFIX}{name}");
-        let (tx, rx) = self.broker.link(&id).map_err(|e| BrokerError::Link {
-            name: id.clone(),
-            message: e.to_string(),
-        })?;
-        Ok(Link { tx, rx })
+    /// The core. Held briefly, never across an await.
+    pub fn lock(&self) -> MutexGuard<'_, Core> {
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Starts serving on the internal ports, on a thread of its own (rumqttd blocks forever
-    /// and has no shutdown; the process exit ends it).
-    pub fn start(mut self) -> Result<(), BrokerError> {
-        let (v4, v5) = (self.internal_v4, self.internal_v5);
-        std::thread::Builder::new()
-            .name("rumqttd".into())
-            .spawn(move || {
-                if let Err(e) = self.broker.start() {
-                    error!(error = %e, "embedded broker stopped");
-                }
+    /// A place among `local.max_connections`, if there is one.
+    pub fn permit(&self) -> Option<Permit> {
+        let max = self.settings.load().max_connections;
+        self.active
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
             })
-            .map_err(BrokerError::Thread)?;
-        info!(internal_v4 = %v4, internal_v5 = ?v5, "embedded broker started; its internal ports take only the front door's per-start credential");
-        Ok(())
+            .ok()
+            .map(|_| Permit(self.active.clone()))
+    }
+
+    pub fn connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Counts and logs a connection refused before its CONNACK.
+    pub(crate) fn refused(&self, peer: SocketAddr, reason: &Refused) {
+        let c = &self.health.counters;
+        match reason {
+            Refused::Io(_) => {
+                debug!(%peer, %reason, "device connection ended before its CONNECT");
+                return;
+            }
+            Refused::Timeout => inc(&c.connect_timeouts),
+            Refused::Tls(_) => inc(&c.tls_failures),
+            Refused::Login { .. } => inc(&c.auth_failures),
+            Refused::Packet(PacketError::TooLarge { .. } | PacketError::OverBudget) => {
+                inc(&c.oversize_packets)
+            }
+            Refused::Packet(_) | Refused::Protocol(_) | Refused::ClientId(_) => {
+                inc(&c.malformed_packets)
+            }
+            Refused::ReservedId(_)
+            | Refused::AuthMethod(_)
+            | Refused::KeepAlive(..)
+            | Refused::Busy
+            | Refused::Sessions => {}
+        }
+        inc(&c.connections_refused);
+        // Refused logins have their own budget of log lines: a flood of garbage must not
+        // hide a password guesser.
+        let log = match reason {
+            Refused::Login { .. } => &self.login_log,
+            _ => &self.log,
+        };
+        if let Some(held) = locked(log).check() {
+            warn!(%peer, %reason, earlier_warnings_suppressed = held, "device connection refused");
+        }
+    }
+
+    /// Counts and logs how a device's connection ended.
+    pub(crate) fn ended(&self, peer: SocketAddr, client_id: &str, end: &Close) {
+        let c = &self.health.counters;
+        match end {
+            Close::Kicked(codec::reason::KEEP_ALIVE_TIMEOUT) => {
+                inc(&c.keepalive_timeouts);
+                debug!(%peer, client_id, "device disconnected: nothing came within 1.5 times its keep alive");
+                return;
+            }
+            Close::Peer | Close::Disconnect | Close::Kicked(_) | Close::Outbox | Close::Io(_) => {
+                debug!(%peer, client_id, reason = %end, "device disconnected");
+                return;
+            }
+            Close::Packet(PacketError::TooLarge { .. } | PacketError::OverBudget) => {
+                inc(&c.oversize_packets)
+            }
+            Close::Packet(_) | Close::Protocol { .. } => inc(&c.malformed_packets),
+        }
+        if let Some(held) = locked(&self.log).check() {
+            warn!(%peer, client_id, reason = %end, earlier_warnings_suppressed = held,
+                "device connection closed by the broker");
+        }
+    }
+
+    /// Logs a publish, will or subscription the ACL refused (rate-limited).
+    pub(crate) fn log_denied(&self, peer: SocketAddr, client_id: &str, what: &str, topic: &str) {
+        if let Some(held) = locked(&self.denied_log).check() {
+            warn!(%peer, client_id, topic, earlier_warnings_suppressed = held,
+                "{what} denied by local.acl_file");
+        }
+    }
+
+    /// Tells every connection to finish and go (MQTT 5: DISCONNECT 0x8B); new ones are
+    /// refused from now on.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+        let core = self.lock();
+        for (_, s) in core.sessions.iter() {
+            if let (Some(conn), session::SessionKind::Device) = (&s.conn, s.kind) {
+                conn.signal.kick(codec::reason::SERVER_SHUTTING_DOWN);
+            }
+        }
+    }
+
+    /// Waits (within `budget`) until every device connection has ended.
+    pub async fn drained(&self, budget: Duration) {
+        let deadline = tokio::time::Instant::now() + budget;
+        while self.connections() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Applies new per-connection settings and core bounds (a reload).
+    pub fn reconfigure(&self, settings: Settings, limits: Limits) {
+        self.settings.store(Arc::new(settings));
+        self.lock().limits = limits;
+    }
+
+    /// Offers what the core published itself (wills) to the intake.
+    pub async fn hand_over(&self, published: Vec<Arc<message::Message>>) {
+        if published.is_empty() {
+            return;
+        }
+        let mut batch = self.intake.batch();
+        for msg in &published {
+            batch.offer(msg);
+        }
+        if batch.flush().await.is_err() {
+            debug!(
+                wills = published.len(),
+                "the outbox has stopped: wills not forwarded"
+            );
+        }
+    }
+
+    /// A client of the gateway's own, for publishing and subscribing in process.
+    pub fn client(self: &Arc<Self>, name: &str, origin: OriginKind) -> internal::Client {
+        internal::Client::open(self.clone(), name, origin)
     }
 }
 
-fn free_loopback_port() -> Result<SocketAddr, BrokerError> {
-    let listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).map_err(BrokerError::InternalPort)?;
-    listener.local_addr().map_err(BrokerError::InternalPort)
+/// How often keep alives are checked and the retained store and the status gauges are
+/// looked after: a silent client is closed within 1.5 times its keep alive plus this.
+const HOUSEKEEPING: Duration = Duration::from_millis(500);
+
+/// Publishes wills whose delay passed and ends sessions whose expiry passed, hands what
+/// they published to the intake, drops expired retained messages and updates the status
+/// gauges; until shutdown. It takes the core's lock at least every second, so a core that
+/// never comes free stops its liveness probe (and so the watchdog).
+pub async fn run_timers(
+    shared: Arc<Shared>,
+    mut probe: crate::supervisor::Probe,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let timer_wake = shared.lock().timer_wake.clone();
+    let mut intake = shared.intake.batch();
+    let mut housekeeping = tokio::time::interval(HOUSEKEEPING);
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let mut wake = Vec::new();
+        let (next, published) = {
+            let mut core = shared.lock();
+            let next = core.tick(std::time::Instant::now(), &mut wake);
+            (next, std::mem::take(&mut core.published))
+        };
+        wake_all(&mut wake);
+        for msg in &published {
+            intake.offer(msg);
+        }
+        if intake.flush().await.is_err() {
+            return;
+        }
+        let sleep = async {
+            match next {
+                Some(at) => tokio::time::sleep_until(at.into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = timer_wake.notified() => {}
+            _ = housekeeping.tick() => housekeep(&shared),
+            _ = probe.serve() => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn housekeep(shared: &Shared) {
+    let now = std::time::Instant::now();
+    let mut core = shared.lock();
+    core.sweep_keep_alives();
+    let gone = core.retained.expire(now);
+    if core.persist && !gone.is_empty() {
+        for topic in gone {
+            core.journal.retained.insert(topic);
+        }
+        core.journal.since.get_or_insert(now);
+    }
+    let (retained, retained_bytes, sessions, queued) = core.gauges();
+    drop(core);
+    let g = &shared.health.broker_state;
+    g.retained.store(retained, Ordering::Relaxed);
+    g.retained_bytes.store(retained_bytes, Ordering::Relaxed);
+    g.sessions.store(sessions, Ordering::Relaxed);
+    g.queued.store(queued, Ordering::Relaxed);
+    g.connections
+        .store(shared.connections() as u64, Ordering::Relaxed);
 }

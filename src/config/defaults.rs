@@ -15,7 +15,8 @@ pub const MAX_CONNECTIONS: i64 = 1000;
 pub const CONNECT_TIMEOUT: &str = "10s";
 pub const MAX_SUBSCRIPTIONS: i64 = 1000;
 pub const MAX_RETAINED_SIZE: &str = "16MiB";
-pub const MAX_QUEUED_MESSAGES: i64 = 1000;
+pub const MAX_QUEUED_MESSAGES: i64 = 10_000;
+pub const MAX_QUEUED_BYTES: &str = "8MiB";
 
 /// `cloud.client_id` defaults to `gateway.id`; the command connection appends this.
 pub const COMMAND_CLIENT_ID_SUFFIX: &str = "-cmd";

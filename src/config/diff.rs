@@ -12,9 +12,7 @@
 use std::fmt::Write;
 use std::path::PathBuf;
 
-use super::{
-    Config, GatewayConfig, LocalConfig, LocalSecurity, ModbusDevice, SerialSensor, ThresholdRule,
-};
+use super::{Config, GatewayConfig, LocalConfig, ModbusDevice, SerialSensor, ThresholdRule};
 
 /// The files a config names whose content is part of the config: a rotated certificate is
 /// applied like an edit of the file. `(key, path)`.
@@ -28,6 +26,18 @@ pub fn watched_files(config: &Config) -> Vec<(&'static str, PathBuf)> {
         ("cloud.password_file", &cloud.password_file),
         ("local.password_file", &security.password_file),
         ("local.acl_file", &security.acl_file),
+        (
+            "local.cert_file",
+            &security.tls.as_ref().map(|t| t.cert_file.clone()),
+        ),
+        (
+            "local.key_file",
+            &security.tls.as_ref().map(|t| t.key_file.clone()),
+        ),
+        (
+            "local.ca_file",
+            &security.tls.as_ref().and_then(|t| t.ca_file.clone()),
+        ),
     ]
     .into_iter()
     .filter_map(|(key, path)| path.clone().map(|path| (key, path)))
@@ -106,10 +116,13 @@ pub struct ConfigDiff {
     pub serial: DeviceChanges,
     /// `[[rule]]`s by name (a changed rule starts over; the others keep their state).
     pub rules: DeviceChanges,
-    /// `[local]` keys applied live by the front door.
+    /// `[local]` keys applied live by the listeners and the broker (new connections take
+    /// them; connected devices stay).
     pub local: Vec<&'static str>,
-    /// `local.max_retained_size` and `local.max_queued_messages` (the state's owner
-    /// applies them).
+    /// Files of the device TLS listener whose content changed (the listener takes them).
+    pub tls_files: Vec<String>,
+    /// `local.max_retained_size`, `max_queued_messages`, `max_queued_bytes` (the broker's
+    /// core applies them).
     pub persistence: Vec<&'static str>,
     /// Device passwords and ACL: the keys, or the files' content, that changed.
     pub security: Vec<String>,
@@ -169,11 +182,27 @@ impl ConfigDiff {
             modbus: DeviceChanges::between(&old.modbus, &new.modbus, |d: &ModbusDevice| &d.name),
             serial: DeviceChanges::between(&old.serial, &new.serial, |s: &SerialSensor| &s.name),
             rules: DeviceChanges::between(&old.rules, &new.rules, |r: &ThresholdRule| &r.name),
-            local: changed_keys!(old.local, new.local, "local": listen, listen_v5,
-                max_connections, connect_timeout),
+            local: {
+                let mut keys = changed_keys!(old.local, new.local, "local": listen, listen_v5,
+                    max_connections, connect_timeout, max_keep_alive);
+                let (o, n) = (&old.local.security, &new.local.security);
+                keys.extend(changed_keys!(o, n, "local": max_subscriptions));
+                if o.tls != n.tls {
+                    keys.push("local.tls_listen");
+                }
+                keys
+            },
+            tls_files: changed_files
+                .iter()
+                .filter(|key| {
+                    ["local.cert_file", "local.key_file", "local.ca_file"].contains(&key.as_str())
+                })
+                .cloned()
+                .collect(),
             persistence: {
                 let (o, n) = (&old.local.persistence, &new.local.persistence);
-                changed_keys!(o, n, "local": max_retained_size, max_queued_messages)
+                changed_keys!(o, n, "local": max_retained_size, max_queued_messages,
+                    max_queued_bytes)
             },
             security: changed_keys!(old.local.security, new.local.security, "local":
                 password_file, allow_anonymous, acl_file)
@@ -182,7 +211,7 @@ impl ConfigDiff {
             .chain(
                 changed_files
                     .iter()
-                    .filter(|key| key.starts_with("local."))
+                    .filter(|key| ["local.password_file", "local.acl_file"].contains(&key.as_str()))
                     .map(|key| format!("{key} (content)")),
             )
             .collect(),
@@ -224,8 +253,11 @@ impl ConfigDiff {
         devices(&mut parts, "modbus", &self.modbus, "restarted");
         devices(&mut parts, "serial", &self.serial, "restarted");
         devices(&mut parts, "rule", &self.rules, "changed");
-        if !self.local.is_empty() {
-            parts.push(format!("front door applied ({})", self.local.join(", ")));
+        if !self.local.is_empty() || !self.tls_files.is_empty() {
+            let keys: Vec<String> = (self.local.iter().map(|k| k.to_string()))
+                .chain(self.tls_files.iter().map(|k| format!("{k} content")))
+                .collect();
+            parts.push(format!("listeners applied ({})", keys.join(", ")));
         }
         if !self.persistence.is_empty() {
             parts.push(format!(
@@ -298,26 +330,10 @@ pub fn applicable(started: &Config, new: &Config) -> Config {
         metrics_interval: new.gateway.metrics_interval,
         ..started.gateway.clone()
     };
-    // rumqttd's MQTT 5 server exists only if it was configured at start, and its
-    // connection table is sized at start: a lower max_connections applies, a higher not.
-    let same_v5 = started.local.listen_v5.is_none() == new.local.listen_v5.is_none();
+    // The bound of every connection's buffers together follows max_payload at start.
     config.local = LocalConfig {
-        listen: new.local.listen,
-        listen_v5: if same_v5 {
-            new.local.listen_v5
-        } else {
-            started.local.listen_v5
-        },
-        max_connections: new.local.max_connections.min(started.local.max_connections),
-        connect_timeout: new.local.connect_timeout,
-        persistence: new.local.persistence,
-        security: LocalSecurity {
-            password_file: new.local.security.password_file.clone(),
-            allow_anonymous: new.local.security.allow_anonymous,
-            acl_file: new.local.security.acl_file.clone(),
-            ..started.local.security.clone()
-        },
-        ..started.local.clone()
+        max_payload: started.local.max_payload,
+        ..new.local.clone()
     };
     config.queue.fsync = started.queue.fsync;
     config
@@ -337,31 +353,7 @@ fn restart_needed(started: &Config, new: &Config) -> Vec<&'static str> {
     if new.queue.fsync != started.queue.fsync {
         keys.push("queue.synchronous");
     }
-    if new.local.listen_v5.is_none() != started.local.listen_v5.is_none() {
-        keys.push("local.listen_v5");
-    }
-    if new.local.max_connections > started.local.max_connections {
-        keys.push("local.max_connections");
-    }
-    if new.local.security.max_subscriptions != started.local.security.max_subscriptions {
-        keys.push("local.max_subscriptions");
-    }
-    if new.local.security.tls != started.local.security.tls {
-        keys.push("local.tls_listen (and its keys)");
-    }
-    let local_rest = LocalConfig {
-        listen: started.local.listen,
-        listen_v5: started.local.listen_v5,
-        max_payload: started.local.max_payload,
-        max_connections: started.local.max_connections,
-        connect_timeout: started.local.connect_timeout,
-        persistence: started.local.persistence,
-        security: started.local.security.clone(),
-        ..new.local.clone()
-    };
-    if local_rest != started.local {
-        keys.push("local (other keys)");
-    }
+
     let gateway_rest = GatewayConfig {
         id: started.gateway.id.clone(),
         data_dir: started.gateway.data_dir.clone(),
@@ -430,14 +422,17 @@ address = "127.0.0.1:502"
             "[local]\nmax_connections = 5000\nconnect_timeout = \"3s\"\n[cloud]",
         ));
         let diff = ConfigDiff::between(&started, &started, &new, &[]);
+        assert_eq!(diff.restart_needed, ["gateway.data_dir"]);
         assert_eq!(
-            diff.restart_needed,
-            ["gateway.data_dir", "local.max_connections"]
+            diff.local,
+            ["local.max_connections", "local.connect_timeout"]
         );
-        assert_eq!(diff.local, ["local.connect_timeout"]);
         let applied = applicable(&started, &new);
         assert_eq!(applied.gateway.data_dir, started.gateway.data_dir);
-        assert_eq!(applied.local.max_connections, 1000);
+        assert_eq!(applied.local.max_connections, 5000);
+        let bigger = parse(&BASE.replace("[cloud]", "[local]\nmax_payload = \"1MiB\"\n[cloud]"));
+        let diff = ConfigDiff::between(&started, &started, &bigger, &[]);
+        assert_eq!(diff.restart_needed, ["local.max_payload"]);
     }
 
     #[test]
@@ -474,12 +469,16 @@ address = "127.0.0.1:502"
         let old = parse(BASE);
         let new = parse(&BASE.replace(
             "[cloud]",
-            "[local]\nmax_retained_size = \"1MiB\"\nmax_queued_messages = 10\n[cloud]",
+            "[local]\nmax_retained_size = \"1MiB\"\nmax_queued_messages = 10\nmax_queued_bytes = \"1MiB\"\n[cloud]",
         ));
         let diff = ConfigDiff::between(&old, &old, &new, &[]);
         assert_eq!(
             diff.persistence,
-            ["local.max_retained_size", "local.max_queued_messages"]
+            [
+                "local.max_retained_size",
+                "local.max_queued_messages",
+                "local.max_queued_bytes"
+            ]
         );
         assert!(diff.restart_needed.is_empty(), "{:?}", diff.restart_needed);
         assert_eq!(

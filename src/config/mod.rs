@@ -239,6 +239,9 @@ pub struct LocalConfig {
     pub max_connections: usize,
     /// Time a new connection has to send its CONNECT (and finish its TLS handshake).
     pub connect_timeout: Duration,
+    /// Longest keep alive a client may ask for (MQTT 5 clients asking for more, or for
+    /// none, are told this one in CONNACK; MQTT 3.x clients are refused). None: any.
+    pub max_keep_alive: Option<u16>,
     /// Passwords, ACLs, TLS and per-client limits for devices.
     pub security: LocalSecurity,
     /// What `state.db` keeps of the local broker across restarts.
@@ -250,8 +253,11 @@ pub struct LocalConfig {
 pub struct Persistence {
     /// Bytes of topic plus payload of the retained messages kept.
     pub max_retained_size: u64,
-    /// QoS 1/2 messages kept per persistent session for its device (the oldest go first).
+    /// Messages queued per session beyond those in flight (QoS 0 dropped first, then the
+    /// oldest); for a persistent session also what `state.db` keeps.
     pub max_queued_messages: usize,
+    /// Bytes of topic plus payload queued per session.
+    pub max_queued_bytes: usize,
 }
 
 /// Who may connect to the local broker and what they may do.

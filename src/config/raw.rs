@@ -39,6 +39,7 @@ pub struct RawLocal {
     pub max_payload: Option<Value>,
     pub max_connections: Option<i64>,
     pub connect_timeout: Option<Value>,
+    pub max_keep_alive: Option<Value>,
     pub password_file: Option<String>,
     pub allow_anonymous: Option<bool>,
     pub acl_file: Option<String>,
@@ -51,6 +52,7 @@ pub struct RawLocal {
     pub use_identity_as_username: Option<bool>,
     pub max_retained_size: Option<Value>,
     pub max_queued_messages: Option<i64>,
+    pub max_queued_bytes: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -48,6 +48,7 @@ fn a_minimal_file_gets_every_default() {
             max_payload: 256 * 1024,
             max_connections: 1000,
             connect_timeout: Duration::from_secs(10),
+            max_keep_alive: None,
             security: LocalSecurity {
                 password_file: None,
                 allow_anonymous: true,
@@ -57,7 +58,8 @@ fn a_minimal_file_gets_every_default() {
             },
             persistence: Persistence {
                 max_retained_size: 16 << 20,
-                max_queued_messages: 1000,
+                max_queued_messages: 10_000,
+                max_queued_bytes: 8 << 20,
             },
         },
         cloud: CloudConfig {
@@ -229,6 +231,23 @@ qos = 5
 }
 
 #[test]
+fn max_keep_alive_is_seconds_up_to_mqtts_limit() {
+    let with = |value: &str| {
+        format!("[gateway]\nid = \"g\"\n[local]\nmax_keep_alive = {value}\n[cloud]\nurl = \"mqtt://127.0.0.1:1883\"\n")
+    };
+    assert_eq!(
+        parse(&with("\"90s\"")).map(|c| c.local.max_keep_alive),
+        Ok(Some(90))
+    );
+    assert_eq!(
+        problems(&with("\"19h\"")),
+        [
+            r#"test.toml:4: local.max_keep_alive: "19h" is out of range; accepted: 1s to 18h 12m 15s"#
+        ]
+    );
+}
+
+#[test]
 fn missing_required_keys_point_at_their_table_or_line_one() {
     assert_eq!(
         problems("# nothing here\n\n[cloud]\nkeep_alive = \"30s\"\n"),
@@ -376,6 +395,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
     let examples = [
         "data_dir",
         "listen_v5",
+        "max_keep_alive",
         "ca_file",
         "cert_file",
         "key_file",
@@ -400,7 +420,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
             format!("{}\n", setting.unwrap_or(line))
         })
         .collect();
-    assert_eq!(uncommented_keys, 26);
+    assert_eq!(uncommented_keys, 27);
     let config = parse(shipped).expect("the shipped config is valid");
     assert_eq!(parse(&with_defaults), Ok(config));
 }

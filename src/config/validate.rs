@@ -257,6 +257,15 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
             defaults::CONNECT_TIMEOUT,
             at_least_ms(100),
         ),
+        max_keep_alive: raw.max_keep_alive.as_ref().map(|_| {
+            let keep_alive = s.duration(
+                "max_keep_alive",
+                &raw.max_keep_alive,
+                "1s",
+                Duration::from_secs(1)..=Duration::from_secs(u64::from(u16::MAX)),
+            );
+            u16::try_from(keep_alive.as_secs()).unwrap_or(u16::MAX)
+        }),
         persistence: super::Persistence {
             max_retained_size: s.size(
                 "max_retained_size",
@@ -269,6 +278,12 @@ fn local(raw: &RawLocal, mut s: Section) -> LocalConfig {
                 raw.max_queued_messages,
                 defaults::MAX_QUEUED_MESSAGES,
                 0..=1_000_000,
+            ),
+            max_queued_bytes: s.size(
+                "max_queued_bytes",
+                &raw.max_queued_bytes,
+                defaults::MAX_QUEUED_BYTES,
+                1024..=u64::MAX,
             ),
         },
     }
@@ -461,10 +476,10 @@ fn downlink_rule(raw: &RawDownlink, mut s: Section) -> Option<DownlinkRule> {
     Some(rule)
 }
 
-/// Refuses the configs the broker cannot guard against: it cannot tell its own downlink
-/// publishes from a device's (no origin, no no-local), so a command whose topic also
-/// matches an uplink rule goes up again; if it lands under a downlink subscription, it
-/// comes back down, forever.
+/// Refuses configs that send a message around: what an uplink rule sends up would come
+/// back down under a downlink subscription as a command. (A command itself is never sent
+/// back up, whatever uplink rule matches its local topic: messages carry their origin; but
+/// a device's telemetry arriving as a command is never what such a config meant.)
 fn refuse_loops(
     uplink: &[Option<UplinkRule>],
     downlink: &[Option<DownlinkRule>],

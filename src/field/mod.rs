@@ -1,9 +1,10 @@
 //! Field devices: Modbus RTU/TCP pollers and writers, and line-oriented serial sensors.
 //!
 //! One task owns each bus (a serial port or a TCP address) and runs one transaction at a
-//! time. Readings go into the local broker through one publishing link, like any device's
-//! messages, so the uplink rules decide what goes up. Commands reach the field through one
-//! subscribing link that routes each topic to the task owning its device.
+//! time. Readings go into the local broker through one publishing client, like any
+//! device's messages, so the uplink rules decide what goes up. Commands reach the field
+//! through one subscribing client that routes each topic to the task owning its device
+//! (its hand-off is complete when the task's queue took it).
 
 pub mod modbus;
 pub mod serial;
@@ -14,12 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttd::protocol::{Packet, Publish};
-use rumqttd::Notification;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
-use crate::broker::Link;
+use crate::broker::internal::{Client, Publication};
 use crate::config::{Config, ModbusDevice, SerialSensor, Transport};
 use crate::health::{inc, RateLimit, SharedHealth};
 use crate::supervisor::{Probe, Supervisor, Task};
@@ -68,12 +67,11 @@ struct Running<C, J> {
 }
 
 impl Field {
-    /// Starts the publisher, the command router and every bus and sensor of `config`. The
-    /// links must have been made before the broker started.
+    /// Starts the publisher, the command router and every bus and sensor of `config`.
     pub async fn start(
         config: &Config,
-        publish_link: Link,
-        command_link: Link,
+        publish_client: Client,
+        command_client: Client,
         health: SharedHealth,
         supervisor: &mut Supervisor,
         shutdown: watch::Receiver<bool>,
@@ -83,13 +81,13 @@ impl Field {
         let probe = supervisor.liveness().probe("field-publisher");
         supervisor.spawn(
             "field-publisher",
-            run_publisher(publish_link, out_rx, probe, shutdown.clone()),
+            run_publisher(publish_client, out_rx, probe, shutdown.clone()),
         );
         let probe = supervisor.liveness().probe("field-router");
         supervisor.spawn(
             "field-router",
             run_router(
-                command_link,
+                command_client,
                 routes_rx,
                 Publisher(out_tx.clone()),
                 health.clone(),
@@ -238,39 +236,46 @@ enum Route {
 }
 
 /// Subscribes to the topics `new` adds and unsubscribes those it drops.
-fn resubscribe(link: &mut Link, old: &HashMap<String, Route>, new: &HashMap<String, Route>) {
+fn resubscribe(client: &mut Client, old: &HashMap<String, Route>, new: &HashMap<String, Route>) {
     for topic in new.keys().filter(|t| !old.contains_key(*t)) {
-        if let Err(e) = link.tx.subscribe(topic.clone()) {
-            warn!(%topic, error = %e, "field commands: cannot subscribe; commands on this topic are not executed");
+        if let Err(why) = client.subscribe(topic, 1) {
+            warn!(%topic, why, "field commands: cannot subscribe; commands on this topic are not executed");
         }
     }
     for topic in old.keys().filter(|t| !new.contains_key(*t)) {
-        if let Err(e) = link.tx.unsubscribe(topic.clone()) {
-            warn!(%topic, error = %e, "field commands: cannot unsubscribe a removed command topic");
-        }
+        client.unsubscribe(topic);
     }
 }
 
 /// Moves readings into the local broker.
 async fn run_publisher(
-    mut link: Link,
+    mut client: Client,
     mut out: mpsc::Receiver<Outgoing>,
     mut probe: Probe,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut link_open = true;
     loop {
         tokio::select! {
             message = out.recv() => {
                 let Some(message) = message else { return };
-                let publish = Publish::new(Bytes::from(message.topic), message.payload, false);
-                if let Err(e) = link.tx.send(Packet::Publish(publish, None)).await {
-                    warn!(error = %e, "field publisher: the local broker link failed; field readings stop");
-                    return;
+                let publication = Publication {
+                    topic: message.topic,
+                    payload: message.payload,
+                    qos: 0,
+                    retain: false,
+                    completion: None,
+                };
+                match client.publish(publication).await {
+                    Ok(_) => {}
+                    Err(crate::broker::internal::PublishError::Topic { topic, why }) => {
+                        warn!(%topic, why, "field publisher: a reading's topic is not valid; not published");
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "field publisher: the local broker cannot take readings; field readings stop");
+                        return;
+                    }
                 }
             }
-            // The link's notifications must be read, or the broker stalls it.
-            next = link.next(), if link_open => link_open = next.is_ok(),
             _ = probe.serve() => {}
             _ = shutdown.changed() => return,
         }
@@ -280,7 +285,7 @@ async fn run_publisher(
 /// Subscribes to every command topic of the field and hands each command to its owner;
 /// a reload changes the routes (and so the subscriptions) while it runs.
 async fn run_router(
-    mut link: Link,
+    mut client: Client,
     mut routes_rx: watch::Receiver<Arc<HashMap<String, Route>>>,
     publisher: Publisher,
     health: SharedHealth,
@@ -289,14 +294,15 @@ async fn run_router(
 ) {
     let mut routes: Arc<HashMap<String, Route>> = Arc::new(HashMap::new());
     let mut busy_log = RateLimit::new(Duration::from_secs(10));
+    let mut commands = Vec::new();
     loop {
         if routes_rx.has_changed().unwrap_or(false) {
             let new = routes_rx.borrow_and_update().clone();
-            resubscribe(&mut link, &routes, &new);
+            resubscribe(&mut client, &routes, &new);
             routes = new;
         }
-        let next = tokio::select! {
-            next = link.next() => next,
+        tokio::select! {
+            _ = client.recv(&mut commands) => {}
             changed = routes_rx.changed() => {
                 if changed.is_err() {
                     return;
@@ -306,43 +312,35 @@ async fn run_router(
             _ = probe.serve() => continue,
             _ = shutdown.changed() => return,
         };
-        let forward = match next {
-            Ok(Some(Notification::Forward(forward))) => forward,
-            Ok(_) => continue,
-            Err(e) => {
-                warn!(error = %e, "field commands: the local broker link failed; commands stop");
-                return;
+        for msg in commands.drain(..) {
+            let Some(route) = routes.get(&*msg.topic) else {
+                continue;
+            };
+            let refused = match route {
+                Route::Modbus(tx, target) => {
+                    let job = modbus::WriteJob {
+                        target: *target,
+                        payload: msg.payload.clone(),
+                    };
+                    tx.try_send(job).err().map(|e| match e {
+                        mpsc::error::TrySendError::Full(job)
+                        | mpsc::error::TrySendError::Closed(job) => Some(job),
+                    })
+                }
+                Route::Serial(tx) => tx.try_send(msg.payload.clone()).err().map(|_| None),
+            };
+            let Some(job) = refused else { continue };
+            inc(&health.counters.field_write_errors);
+            if let Some(held) = busy_log.check() {
+                warn!(topic = %msg.topic, earlier_warnings_suppressed = held, "field command refused: {COMMAND_QUEUE} commands already wait for this device");
             }
-        };
-        let publish = forward.publish;
-        let Some(route) = std::str::from_utf8(&publish.topic)
-            .ok()
-            .and_then(|topic| routes.get(topic))
-        else {
-            continue;
-        };
-        let refused = match route {
-            Route::Modbus(tx, target) => {
-                let job = modbus::WriteJob {
-                    target: *target,
-                    payload: publish.payload,
-                };
-                tx.try_send(job).err().map(|e| match e {
-                    mpsc::error::TrySendError::Full(job)
-                    | mpsc::error::TrySendError::Closed(job) => Some(job),
-                })
+            if job.is_some() {
+                let result =
+                    format!("error: busy, {COMMAND_QUEUE} commands already wait for this bus");
+                publisher
+                    .publish(format!("{}/result", msg.topic), result)
+                    .await;
             }
-            Route::Serial(tx) => tx.try_send(publish.payload).err().map(|_| None),
-        };
-        let Some(job) = refused else { continue };
-        inc(&health.counters.field_write_errors);
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        if let Some(held) = busy_log.check() {
-            warn!(%topic, earlier_warnings_suppressed = held, "field command refused: {COMMAND_QUEUE} commands already wait for this device");
-        }
-        if job.is_some() {
-            let result = format!("error: busy, {COMMAND_QUEUE} commands already wait for this bus");
-            publisher.publish(format!("{topic}/result"), result).await;
         }
     }
 }

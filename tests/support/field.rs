@@ -334,19 +334,22 @@ pub async fn latest(
     seen
 }
 
-/// One step of `tests/support/paho_client.py` (the Eclipse Paho 3.1.1 client playing a
-/// device) against the local broker on `port`: its output lines. Panics when the step
-/// fails, with what it printed.
+fn paho_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/paho_client.py")
+}
+
+/// One step of `tests/support/paho_client.py` (the Eclipse Paho client playing a device)
+/// against the local broker on `port`: its output lines. Panics when the step fails, with
+/// what it printed.
 pub fn paho(port: u16, args: &[&str]) -> Vec<String> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/paho_client.py");
     let out = Command::new(python())
-        .arg(script)
+        .arg(paho_script())
         .arg(port.to_string())
         .args(args)
         .output()
         .unwrap_or_else(|e| {
             panic!(
-                "starting {} (set BRIDGEHEAD_TEST_PYTHON to a python with paho-mqtt 1.6.1): {e}",
+                "starting {} (set BRIDGEHEAD_TEST_PYTHON to a python with paho-mqtt 2.1.0): {e}",
                 python().display()
             )
         });
@@ -358,4 +361,127 @@ pub fn paho(port: u16, args: &[&str]) -> Vec<String> {
         String::from_utf8_lossy(&out.stderr)
     );
     stdout.lines().map(str::to_owned).collect()
+}
+
+/// One MQTT 5 step of `paho_client.py` (`v5-pub`, `v5-request`...): its JSON lines.
+pub fn paho5(port: u16, args: &[&str]) -> Vec<serde_json::Value> {
+    paho(port, args)
+        .iter()
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("paho {args:?} printed {line:?}, not JSON: {e}"))
+        })
+        .collect()
+}
+
+/// A `paho_client.py` step left running (an MQTT 5 subscriber or responder) while the
+/// test acts: see [`LineProcess`].
+pub fn paho_spawn(port: u16, args: &[&str]) -> LineProcess {
+    let mut command = Command::new(python());
+    command.arg(paho_script()).arg(port.to_string()).args(args);
+    LineProcess::spawn(&format!("paho {args:?}"), command)
+}
+
+/// A child process whose output lines the test reads as they come (a `paho_client.py`
+/// step, `mosquitto_sub`); stderr lines come too, marked `stderr: `. Stopped by its PID
+/// (SIGTERM, then SIGKILL) when dropped.
+pub struct LineProcess {
+    what: String,
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl LineProcess {
+    pub fn spawn(what: &str, mut command: Command) -> Self {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {what}: {e}"));
+        let (tx, lines) = mpsc::channel();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let out_tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if out_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if tx.send(format!("stderr: {line}")).is_err() {
+                    break;
+                }
+            }
+        });
+        LineProcess {
+            what: what.to_string(),
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// The first line from now on that `wanted` accepts, waiting until `timeout` for it;
+    /// panics with everything the process printed when none came.
+    pub fn expect(&mut self, timeout: Duration, wanted: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if wanted(&line) {
+                        return line;
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    panic!(
+                        "{}: not the line expected within {timeout:?}:\n{}",
+                        self.what,
+                        self.output()
+                    )
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = super::wait_child(&mut self.child, Duration::from_secs(2));
+                    panic!(
+                        "{}: ended ({status:?}) without the line expected:\n{}",
+                        self.what,
+                        self.output()
+                    )
+                }
+            }
+        }
+    }
+
+    /// The next JSON line of a `paho_client.py` step whose "event" is `event`.
+    pub fn event(&mut self, event: &str, timeout: Duration) -> serde_json::Value {
+        let line = self.expect(timeout, |line| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .is_ok_and(|value| value["event"] == event)
+        });
+        serde_json::from_str(&line).expect("checked above")
+    }
+
+    /// Everything it printed so far, for failure messages.
+    pub fn output(&self) -> String {
+        self.seen.join("\n")
+    }
+}
+
+impl Drop for LineProcess {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        super::signal(self.child.id(), libc::SIGTERM);
+        if super::wait_child(&mut self.child, Duration::from_secs(2)).is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -21,6 +21,8 @@ pub struct GatewayConfig {
     env: Vec<(String, String)>,
     /// `$RUNTIME_DIRECTORY` on tmpfs, as the systemd unit gives it.
     runtime: Option<TempDir>,
+    /// Another gateway binary than this build's (see [`GatewayConfig::program`]).
+    program: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -77,7 +79,15 @@ impl GatewayConfig {
             tail,
             env: Vec::new(),
             runtime: None,
+            program: None,
         }
+    }
+
+    /// Runs `program` instead of this build's binary (the bench's baseline: another
+    /// build of bridgehead that takes the same config).
+    pub fn program(mut self, program: &std::path::Path) -> Self {
+        self.program = Some(program.to_path_buf());
+        self
     }
 
     /// An environment variable for the gateway process (`NOTIFY_SOCKET`, ...).
@@ -196,6 +206,9 @@ impl GatewayConfig {
             env: self.env,
             _dir: self.dir,
             _runtime: self.runtime,
+            program: self
+                .program
+                .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bridgehead"))),
             child: None,
         };
         gateway.spawn();
@@ -213,6 +226,7 @@ pub struct Gateway {
     env: Vec<(String, String)>,
     _dir: TempDir,
     _runtime: Option<TempDir>,
+    program: PathBuf,
     child: Option<Child>,
 }
 
@@ -245,10 +259,10 @@ impl Gateway {
                 prlimit
                     .arg(format!("--fsize={bytes}:unlimited"))
                     .arg("--")
-                    .arg(env!("CARGO_BIN_EXE_bridgehead"));
+                    .arg(&self.program);
                 prlimit
             }
-            None => Command::new(env!("CARGO_BIN_EXE_bridgehead")),
+            None => Command::new(&self.program),
         };
         let child = command
             .arg("run")

@@ -1,8 +1,9 @@
-//! An MQTT 5 device (rumqttc's v5 client), for what only MQTT 5 has: session expiry.
+//! An MQTT 5 device (rumqttc's v5 client), for what only MQTT 5 has: session expiry,
+//! message expiry, delayed wills.
 
 use std::time::Duration;
 
-use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::mqttbytes::v5::{LastWill, LastWillProperties, Packet, PublishProperties};
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tokio::sync::mpsc;
@@ -17,11 +18,14 @@ pub struct Received5 {
     pub payload: String,
     pub qos: QoS,
     pub retain: bool,
+    /// The Message Expiry Interval it came with (what was left of it), seconds.
+    pub message_expiry: Option<u32>,
 }
 
 enum Note {
     ConnAck(bool),
     SubAck,
+    PubAck,
     Message(Received5),
     Closed(String),
 }
@@ -38,11 +42,26 @@ pub struct Device5 {
 impl Device5 {
     /// Connects with `clean_start` and a session expiry interval of `expiry` seconds.
     pub async fn connect(port: u16, client_id: &str, clean_start: bool, expiry: u32) -> Self {
+        Self::connect_with_will(port, client_id, clean_start, expiry, None).await
+    }
+
+    /// [`connect`](Self::connect) with a last will (see [`delayed_will`]). Dropping the device
+    /// then ends its connection without DISCONNECT, as a power cut does.
+    pub async fn connect_with_will(
+        port: u16,
+        client_id: &str,
+        clean_start: bool,
+        expiry: u32,
+        will: Option<LastWill>,
+    ) -> Self {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
         options
             .set_keep_alive(Duration::from_secs(30))
             .set_clean_start(clean_start)
             .set_session_expiry_interval(Some(expiry));
+        if let Some(will) = will {
+            options.set_last_will(will);
+        }
         let (client, mut eventloop) = AsyncClient::new(options, 100);
         let (tx, notes) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
@@ -50,11 +69,13 @@ impl Device5 {
                 let note = match eventloop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => Note::ConnAck(ack.session_present),
                     Ok(Event::Incoming(Packet::SubAck(_))) => Note::SubAck,
+                    Ok(Event::Incoming(Packet::PubAck(_))) => Note::PubAck,
                     Ok(Event::Incoming(Packet::Publish(p))) => Note::Message(Received5 {
                         topic: String::from_utf8_lossy(&p.topic).into_owned(),
                         payload: String::from_utf8_lossy(&p.payload).into_owned(),
                         qos: p.qos,
                         retain: p.retain,
+                        message_expiry: p.properties.and_then(|p| p.message_expiry_interval),
                     }),
                     Ok(_) => continue,
                     Err(e) => {
@@ -99,8 +120,36 @@ impl Device5 {
                 Some(Note::SubAck) => return,
                 Some(Note::Message(m)) => self.early.push(m),
                 Some(Note::Closed(e)) => panic!("subscribing to {filter}: {e}"),
-                Some(Note::ConnAck(_)) => {}
+                Some(Note::ConnAck(_) | Note::PubAck) => {}
                 None => panic!("no SUBACK for {filter} within 10 s"),
+            }
+        }
+    }
+
+    /// Publishes at QoS 1 with a Message Expiry Interval of `expiry` seconds (None: the
+    /// message never expires) and waits for the PUBACK.
+    pub async fn publish(&mut self, topic: &str, payload: &str, expiry: Option<u32>) {
+        let properties = PublishProperties {
+            message_expiry_interval: expiry,
+            ..Default::default()
+        };
+        self.client
+            .publish_with_properties(
+                topic,
+                QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+                properties,
+            )
+            .await
+            .expect("queueing PUBLISH");
+        loop {
+            match self.next(Duration::from_secs(10)).await {
+                Some(Note::PubAck) => return,
+                Some(Note::Message(m)) => self.early.push(m),
+                Some(Note::Closed(e)) => panic!("publishing on {topic}: {e}"),
+                Some(Note::ConnAck(_) | Note::SubAck) => {}
+                None => panic!("no PUBACK for {topic} within 10 s"),
             }
         }
     }
@@ -133,6 +182,21 @@ impl Device5 {
         .await;
         self.task.abort();
     }
+}
+
+/// A QoS 1 will, not retained, published `delay` seconds after the connection is lost
+/// (MQTT 5 Will Delay Interval).
+pub fn delayed_will(topic: &str, payload: &str, delay: u32) -> LastWill {
+    let properties = LastWillProperties {
+        delay_interval: Some(delay),
+        payload_format_indicator: None,
+        message_expiry_interval: None,
+        content_type: None,
+        response_topic: None,
+        correlation_data: None,
+        user_properties: Vec::new(),
+    };
+    LastWill::new(topic, payload, QoS::AtLeastOnce, false, Some(properties))
 }
 
 impl Drop for Device5 {
