@@ -173,10 +173,7 @@ impl<'a> Publish<'a> {
         let topic = r.string("topic name")?;
         let packet_id = match qos {
             0 => 0,
-            _ => match r.u16("packet identifier")? {
-                0 => return Err(PacketError::Malformed("packet identifier 0")),
-                id => id,
-            },
+            _ => r.packet_id()?,
         };
         let props = match v5 {
             true => r.properties(Context::Publish)?,
@@ -202,10 +199,7 @@ impl<'a> Publish<'a> {
 impl<'a> Ack<'a> {
     fn parse_body(body: &'a [u8], v5: bool) -> Result<Self, PacketError> {
         let mut r = Reader::new(body);
-        let packet_id = match r.u16("packet identifier")? {
-            0 => return Err(PacketError::Malformed("packet identifier 0")),
-            id => id,
-        };
+        let packet_id = r.packet_id()?;
         if !v5 {
             r.end("acknowledgement")?;
             return Ok(Ack::new(packet_id));
@@ -231,10 +225,7 @@ impl<'a> Ack<'a> {
 impl<'a> Subscribe<'a> {
     fn parse_body(body: &'a [u8], v5: bool) -> Result<Self, PacketError> {
         let mut r = Reader::new(body);
-        let packet_id = match r.u16("packet identifier")? {
-            0 => return Err(PacketError::Malformed("packet identifier 0")),
-            id => id,
-        };
+        let packet_id = r.packet_id()?;
         let props = match v5 {
             true => r.properties(Context::Subscribe)?,
             false => Properties::default(),
@@ -286,10 +277,7 @@ impl<'a> SubAck<'a> {
 impl<'a> Unsubscribe<'a> {
     fn parse_body(body: &'a [u8], v5: bool) -> Result<Self, PacketError> {
         let mut r = Reader::new(body);
-        let packet_id = match r.u16("packet identifier")? {
-            0 => return Err(PacketError::Malformed("packet identifier 0")),
-            id => id,
-        };
+        let packet_id = r.packet_id()?;
         let props = match v5 {
             true => r.properties(Context::Unsubscribe)?,
             false => Properties::default(),
@@ -372,6 +360,14 @@ impl<'a> Reader<'a> {
     pub fn u16(&mut self, what: &'static str) -> Result<u16, PacketError> {
         let b = self.take(2, what)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    /// A packet identifier, which is never 0 ([MQTT-2.2.1-3]).
+    pub fn packet_id(&mut self) -> Result<u16, PacketError> {
+        match self.u16("packet identifier")? {
+            0 => Err(PacketError::Malformed("packet identifier 0")),
+            id => Ok(id),
+        }
     }
 
     pub fn u32(&mut self, what: &'static str) -> Result<u32, PacketError> {
