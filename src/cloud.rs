@@ -14,9 +14,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rand::Rng;
 use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 
+use crate::backoff::Backoff;
 use crate::config::{CloudConfig, CloudUrl};
 
 #[derive(Debug, thiserror::Error)]
@@ -123,11 +123,7 @@ impl CloudLink {
     pub fn reconnect(&self) -> Reconnect {
         Reconnect {
             cloud: self.clone(),
-            backoff: Backoff {
-                min: self.config.reconnect_min,
-                max: self.config.reconnect_max,
-                attempt: 0,
-            },
+            backoff: Backoff::new(self.config.reconnect_min, self.config.reconnect_max),
             failures: 0,
             log: crate::health::RateLimit::new(Duration::from_secs(60)),
         }
@@ -198,31 +194,6 @@ fn tls_config(config: &CloudConfig) -> Result<rustls::ClientConfig, CloudSetupEr
             Ok(builder.with_client_auth_cert(certs, key)?)
         }
         _ => Ok(builder.with_no_client_auth()),
-    }
-}
-
-/// Exponential backoff, each delay drawn between 10 % and 100 % of the current ceiling, so that a fleet of gateways does not reconnect in
-/// step to a cloud broker that just came back.
-#[derive(Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self
-            .min
-            .saturating_mul(1u32 << self.attempt.min(16))
-            .min(self.max);
-        self.attempt = self.attempt.saturating_add(1);
-        let ms = ceiling.as_millis() as u64;
-        Duration::from_millis(rand::thread_rng().gen_range(ms / 10..=ms.max(1)))
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
     }
 }
 
@@ -305,15 +276,14 @@ impl Reconnect {
         self.failures += 1;
         let lost = self.cloud.node(client_id).clone();
         let delay = match self.cloud.node_count() {
-            1 => self.backoff.next_delay(),
-            _ if self.cloud.next_node(client_id) => self.backoff.next_delay(),
+            1 => self.backoff.next_jittered(),
+            _ if self.cloud.next_node(client_id) => self.backoff.next_jittered(),
             // Another node is left in this round: try it soon.
-            _ => Backoff {
-                min: self.backoff.min,
-                max: self.backoff.min,
-                attempt: 0,
-            }
-            .next_delay(),
+            _ => Backoff::new(
+                self.cloud.config.reconnect_min,
+                self.cloud.config.reconnect_min,
+            )
+            .next_jittered(),
         };
         state.set(crate::health::LinkState::BackingOff);
         let next = self.cloud.node(client_id);
@@ -332,24 +302,5 @@ impl Reconnect {
             _ = tokio::time::sleep(delay) => true,
             _ = shutdown.changed() => false,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_ceiling_with_jitter() {
-        let mut b = Backoff {
-            min: Duration::from_millis(100),
-            max: Duration::from_secs(2),
-            attempt: 0,
-        };
-        let delays: Vec<_> = (0..10).map(|_| b.next_delay()).collect();
-        assert!(delays[0] <= Duration::from_millis(100));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }

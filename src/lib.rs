@@ -4,6 +4,7 @@
 //! This file only wires the parts together; each module owns one stage of the data flow.
 
 pub mod automation;
+pub mod backoff;
 pub mod broker;
 pub mod clock;
 pub mod cloud;

@@ -12,7 +12,7 @@
 //!
 //! The broker-alone workloads (`local`, `idle1000`) compare the local broker with a plain
 //! mosquitto and, when `BENCH_BASELINE_BIN` names one, another bridgehead binary
-//! (today's main).
+//! (today's main); so does `storm`, a fleet of gateways losing and regaining its cloud.
 
 #[path = "../../tests/support/mod.rs"]
 mod support;
@@ -22,6 +22,7 @@ mod clients;
 mod raw_clients;
 mod report;
 mod setups;
+mod storm;
 mod workloads;
 
 use std::process::Command;
@@ -38,7 +39,7 @@ const ALL: [Setup; 4] = [Direct, Bridgehead, MosquittoStock, MosquittoTuned];
 const BRIDGES: [Setup; 3] = [Bridgehead, MosquittoStock, MosquittoTuned];
 
 /// The workloads' keys for BENCH_ONLY, in the order they run.
-const WORKLOADS: [&str; 13] = [
+const WORKLOADS: [&str; 14] = [
     "steady100",
     "steady2k",
     "burst",
@@ -52,6 +53,7 @@ const WORKLOADS: [&str; 13] = [
     "sessions",
     "local",
     "idle1000",
+    "storm",
 ];
 
 fn machine() -> String {
@@ -336,6 +338,16 @@ async fn main() {
             rows,
         }
         .print();
+    }
+    if runs("storm") {
+        let mut rows = Vec::new();
+        for fleet in storm::Fleet::ALL {
+            match storm::run(fleet, sizes.storm_gateways, sizes.storm_outage).await {
+                Some(row) => rows.push(row),
+                None => println!("- reconnect storm, baseline: BENCH_BASELINE_BIN not set"),
+            }
+        }
+        storm::print(&rows, sizes.storm_gateways, sizes.storm_outage);
     }
     if !idle.is_empty() {
         println!("\n### 9. RSS of the gateway process, idle\n");

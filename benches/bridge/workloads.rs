@@ -45,6 +45,9 @@ pub struct Sizes {
     pub alone_for: Duration,
     /// Idle device connections held open to weigh a broker's memory.
     pub idle_connections: usize,
+    /// Gateway processes of the reconnect storm, and how long their cloud is away.
+    pub storm_gateways: usize,
+    pub storm_outage: Duration,
     /// How long without a new arrival ends a wait for stragglers.
     pub quiet: Duration,
     /// Longest any single wait for arrivals.
@@ -67,6 +70,8 @@ impl Sizes {
             backlog: 1_000_000,
             alone_for: Duration::from_secs(8),
             idle_connections: 1_000,
+            storm_gateways: 20,
+            storm_outage: Duration::from_secs(20),
             quiet: Duration::from_secs(10),
             max_wait: Duration::from_secs(600),
         }
@@ -87,6 +92,8 @@ impl Sizes {
             backlog: 20_000,
             alone_for: Duration::from_secs(1),
             idle_connections: 50,
+            storm_gateways: 3,
+            storm_outage: Duration::from_secs(2),
             quiet: Duration::from_secs(5),
             max_wait: Duration::from_secs(60),
         }

@@ -285,8 +285,7 @@ impl Throttle {
         if entry.count < FREE_FAILURES {
             return Duration::ZERO;
         }
-        let doublings = (entry.count - FREE_FAILURES).min(8);
-        let delay = FIRST_DELAY.saturating_mul(1 << doublings).min(MAX_DELAY);
+        let delay = crate::backoff::bound(FIRST_DELAY, MAX_DELAY, entry.count - FREE_FAILURES);
         let slot = entry.next_slot.max(now) + delay;
         entry.next_slot = slot;
         slot - now

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::connect::Refused;
 use super::{connection, Shared};
+use crate::backoff::Backoff;
 use crate::health::{inc, RateLimit};
 use crate::supervisor::{Supervisor, Task};
 
@@ -50,7 +51,7 @@ pub async fn accept(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut refused_log = RateLimit::new(Duration::from_secs(10));
-    let mut backoff = Duration::from_millis(10);
+    let mut backoff = Backoff::new(Duration::from_millis(10), Duration::from_secs(1));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -58,14 +59,14 @@ pub async fn accept(
         };
         let (stream, peer) = match accepted {
             Ok(v) => {
-                backoff = Duration::from_millis(10);
+                backoff.reset();
                 v
             }
             Err(e) => {
                 // Out of file descriptors and the like: wait and retry, doubling.
-                warn!(error = %e, "accepting a device connection failed; retrying in {backoff:?}");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
+                let wait = backoff.next_bound();
+                warn!(error = %e, "accepting a device connection failed; retrying in {wait:?}");
+                tokio::time::sleep(wait).await;
                 continue;
             }
         };

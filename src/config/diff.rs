@@ -165,7 +165,7 @@ impl ConfigDiff {
             cloud.push("cloud (other keys)");
         }
         let mut queue = changed_keys!(old.queue, new.queue, "queue": max_size, when_full,
-            max_age, commit_interval, commit_batch, dead_letter_max_size);
+            max_age, commit_interval, commit_batch, dead_letter_max_size, drain_rate);
         if queue.is_empty() && old.queue != new.queue {
             queue.push("queue (other keys)");
         }

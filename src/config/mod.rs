@@ -344,6 +344,9 @@ pub struct QueueConfig {
     pub fsync: bool,
     /// Bytes of topic plus payload the dead-letter table keeps (the newest).
     pub dead_letter_max_size: u64,
+    /// Messages a second handed to the cloud at most (None: as fast as it takes them), so a
+    /// backlog drains without flattening a cloud that just came back.
+    pub drain_rate: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -85,6 +85,7 @@ pub struct RawQueue {
     pub commit_batch: Option<i64>,
     pub synchronous: Option<String>,
     pub dead_letter_max_size: Option<Value>,
+    pub drain_rate: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

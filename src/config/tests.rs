@@ -91,6 +91,7 @@ fn a_minimal_file_gets_every_default() {
             commit_batch: 1000,
             fsync: true,
             dead_letter_max_size: 16 << 20,
+            drain_rate: None,
         },
         uplink: vec![],
         downlink: vec![],
@@ -248,6 +249,24 @@ fn max_keep_alive_is_seconds_up_to_mqtts_limit() {
 }
 
 #[test]
+fn drain_rate_is_off_unless_set_and_at_least_one() {
+    let with = |value: &str| {
+        format!(
+            "[gateway]\nid = \"g\"\n[cloud]\nurl = \"mqtt://127.0.0.1:1883\"\n[queue]\n{value}\n"
+        )
+    };
+    assert_eq!(parse(&with("")).map(|c| c.queue.drain_rate), Ok(None));
+    assert_eq!(
+        parse(&with("drain_rate = 500")).map(|c| c.queue.drain_rate),
+        Ok(Some(500))
+    );
+    assert_eq!(
+        problems(&with("drain_rate = 0")),
+        ["test.toml:6: queue.drain_rate: 0 is out of range; accepted: 1 to 1000000"]
+    );
+}
+
+#[test]
 fn missing_required_keys_point_at_their_table_or_line_one() {
     assert_eq!(
         problems("# nothing here\n\n[cloud]\nkeep_alive = \"30s\"\n"),
@@ -396,6 +415,7 @@ fn the_shipped_file_is_valid_and_shows_the_real_defaults() {
         "data_dir",
         "listen_v5",
         "max_keep_alive",
+        "drain_rate",
         "ca_file",
         "cert_file",
         "key_file",

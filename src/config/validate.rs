@@ -433,6 +433,9 @@ fn queue(raw: &RawQueue, mut s: Section) -> QueueConfig {
             defaults::DEAD_LETTER_MAX_SIZE,
             0..=u64::MAX,
         ),
+        drain_rate: raw
+            .drain_rate
+            .map(|_| s.int("drain_rate", raw.drain_rate, 1, 1..=1_000_000)),
     }
 }
 

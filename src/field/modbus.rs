@@ -574,9 +574,9 @@ fn due(
             .is_some_and(|every| now.duration_since(at) >= every)
 }
 
+/// The wait after `failures` in a row (at least 1): the first is `BACKOFF_MIN`.
 fn backoff(failures: u32) -> Duration {
-    let factor = 1u32 << failures.saturating_sub(1).min(16);
-    (BACKOFF_MIN * factor).min(BACKOFF_MAX)
+    crate::backoff::bound(BACKOFF_MIN, BACKOFF_MAX, failures.saturating_sub(1))
 }
 
 /// Opens a bus's TCP connection or serial port (on a blocking thread: opening a port is a

@@ -216,8 +216,7 @@ impl Sensor {
                 warn!(sensor = %self.config.name, device = %self.config.line.device, %error,
                     "serial sensor unreachable; reopening with backoff");
             }
-            let delay =
-                (BACKOFF_MIN * (1u32 << failures.saturating_sub(1).min(8))).min(BACKOFF_MAX);
+            let delay = crate::backoff::bound(BACKOFF_MIN, BACKOFF_MAX, failures.saturating_sub(1));
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = self.probe.serve() => {}

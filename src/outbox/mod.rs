@@ -312,6 +312,45 @@ const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
 const SCAN_STEP: usize = 512;
 
 /// The one owner of the outbox: memory and the SQLite file. Spawned as a task.
+/// `queue.drain_rate` as a token bucket: `rate` messages a second, in bursts of at most a
+/// tenth of a second's worth (at least one), so the uplink's window is fed smoothly.
+#[derive(Debug)]
+struct Pacer {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Pacer {
+    fn new(now: Instant) -> Self {
+        Pacer {
+            tokens: 0.0,
+            at: now,
+        }
+    }
+
+    fn burst(rate: u32) -> f64 {
+        (f64::from(rate) / 10.0).max(1.0)
+    }
+
+    /// Messages that may go now.
+    fn allowed(&mut self, rate: u32, now: Instant) -> usize {
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + earned).min(Self::burst(rate));
+        self.at = now;
+        self.tokens as usize
+    }
+
+    fn took(&mut self, n: usize) {
+        self.tokens = (self.tokens - n as f64).max(0.0);
+    }
+
+    /// When a burst's worth may go (one wake per tenth of a second, not one per message).
+    fn next_allowed(&self, rate: u32) -> Instant {
+        let missing = (Self::burst(rate) - self.tokens).max(0.0);
+        self.at + Duration::from_secs_f64(missing / f64::from(rate))
+    }
+}
+
 pub struct Owner {
     store: Store,
     config: QueueConfig,
@@ -328,6 +367,9 @@ pub struct Owner {
     dead: Vec<(Row, String)>,
     cursor: Cursor,
     feed: Option<Feed>,
+    /// `queue.drain_rate`'s allowance; `paced`: the last feed stopped at it.
+    pacer: Pacer,
+    paced: bool,
     next_expiry: Instant,
     clock_saved: Instant,
     /// Gateway-clock ms of the oldest message, as of the last gauge update.
@@ -362,6 +404,8 @@ impl Owner {
             dead: Vec::new(),
             cursor: Cursor::default(),
             feed: None,
+            pacer: Pacer::new(Instant::now()),
+            paced: false,
             next_expiry: Instant::now(),
             clock_saved: Instant::now(),
             oldest_ts: None,
@@ -489,11 +533,19 @@ impl Owner {
             (Some(at), Some(failed)) => Some(at.max(failed + RETRY_AFTER)),
             (write, _) => write,
         };
-        [write, expiry].into_iter().flatten().min()
+        let pace = self
+            .config
+            .drain_rate
+            .filter(|_| self.paced)
+            .map(|rate| self.pacer.next_allowed(rate));
+        [write, expiry, pace].into_iter().flatten().min()
     }
 
     fn tick(&mut self) {
         let now = Instant::now();
+        if self.paced {
+            self.feed();
+        }
         if now >= self.next_expiry {
             self.next_expiry = now + EXPIRY_EVERY;
             self.expire();
@@ -560,11 +612,13 @@ impl Owner {
         }
     }
 
-    /// New settings apply from now on. A smaller `max_size` applies `when_full` once:
+    /// New settings apply from now on (a new `drain_rate` with the next message sent). A
+    /// smaller `max_size` applies `when_full` once:
     /// `drop-oldest` drops the oldest messages until the rest fits (counted in
     /// `dropped_full`), `reject-new` keeps them and refuses new ones until below it.
     fn reconfigure(&mut self, config: QueueConfig) {
         self.config = config;
+        self.feed();
         let over = self.total_bytes().saturating_sub(self.config.max_size);
         if over > 0 && self.config.when_full == WhenFull::DropOldest {
             let dropped = self.drop_oldest(over);
@@ -757,6 +811,7 @@ impl Owner {
 
     /// Sends the uplink what it has credit for.
     fn feed(&mut self) {
+        self.paced = false;
         let Some(feed) = self.feed.take() else {
             return;
         };
@@ -764,8 +819,17 @@ impl Owner {
             return;
         }
         let mut feed = feed;
-        if feed.rows > 0 && feed.bytes > 0 {
-            let rows = self.issue(feed.rows, feed.bytes);
+        let allowed = match self.config.drain_rate {
+            Some(rate) => self.pacer.allowed(rate, Instant::now()),
+            None => usize::MAX,
+        };
+        let limit = feed.rows.min(allowed);
+        // Stopped by the drain rate, not by credit: the owner comes back when it allows more.
+        self.paced = allowed == 0 && feed.rows > 0;
+        if limit > 0 && feed.bytes > 0 {
+            let rows = self.issue(limit, feed.bytes);
+            self.pacer.took(rows.len());
+            self.paced = rows.len() == limit && limit < feed.rows;
             if !rows.is_empty() {
                 feed.rows -= rows.len();
                 let bytes: usize = rows.iter().map(|r| r.topic.len() + r.payload.len()).sum();
@@ -1103,6 +1167,7 @@ mod tests {
             commit_batch: 1000,
             fsync: false,
             dead_letter_max_size: 1 << 20,
+            drain_rate: None,
         }
     }
 
@@ -1200,6 +1265,42 @@ mod tests {
         assert_eq!(payloads(&take(&mut feed, 15).await), numbered(5..20));
         let health = o.close().await;
         assert_eq!(health.queue.rows.load(Ordering::Relaxed), 15);
+    }
+
+    /// `queue.drain_rate`: a backlog of 600 goes out at 400 a second, in order, in bursts of
+    /// a tenth of a second's worth; a reload to no limit sends the rest at once.
+    #[tokio::test]
+    async fn drain_rate_paces_the_backlog_and_a_reload_lifts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut paced = config(5);
+        paced.drain_rate = Some(400);
+        let o = open_in(dir.path(), &paced);
+        o.outbox.push(messages(0, 600, Lane::Strict)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut feed = o.outbox.subscribe(1, 10_000, 1 << 20).await.unwrap();
+        let mut rows = Vec::new();
+        let mut largest = 0;
+        while rows.len() < 400 {
+            let batch = tokio::time::timeout(Duration::from_secs(5), feed.recv())
+                .await
+                .expect("rows within 5 s")
+                .expect("feed open");
+            largest = largest.max(batch.len());
+            rows.extend(batch);
+        }
+        let took = started.elapsed();
+        // 400 at 400/s, the first burst of 40 at once: at least 0.85 s.
+        assert!(took >= Duration::from_millis(850), "400 rows in {took:?}");
+        assert!(took < Duration::from_secs(3), "400 rows in {took:?}");
+        assert!(
+            largest <= 40,
+            "a burst of {largest} rows (a tenth of a second is 40)"
+        );
+        o.outbox.reconfigure(config(5)).await.unwrap();
+        rows.extend(take(&mut feed, 600 - rows.len()).await);
+        assert!(started.elapsed() < took + Duration::from_millis(300));
+        assert_eq!(payloads(&rows), numbered(0..600));
+        o.close().await;
     }
 
     #[tokio::test]

@@ -1,9 +1,9 @@
 //! A TCP proxy between the gateway and the cloud broker that a test can cut and restore.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -26,6 +26,8 @@ pub struct Proxy {
     /// While set, what the gateway sends is swallowed (its acknowledgements are lost).
     mute: watch::Sender<bool>,
     forwarded: Arc<AtomicUsize>,
+    /// When each connection attempt came, cut or not.
+    attempts: Arc<Mutex<Vec<Instant>>>,
     listener: JoinHandle<()>,
 }
 
@@ -41,11 +43,16 @@ impl Proxy {
         let (mute, mute_rx) = watch::channel(false);
         let forwarded = Arc::new(AtomicUsize::new(0));
         let counter = forwarded.clone();
+        let attempts = Arc::new(Mutex::new(Vec::new()));
+        let log = attempts.clone();
         let listener = tokio::spawn(async move {
             loop {
                 let Ok((inbound, _)) = listener.accept().await else {
                     continue;
                 };
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(Instant::now());
                 if *cut_rx.borrow() {
                     drop(inbound);
                     continue;
@@ -66,6 +73,7 @@ impl Proxy {
             delay,
             mute,
             forwarded,
+            attempts,
             listener,
         }
     }
@@ -99,6 +107,14 @@ impl Proxy {
     /// target refused).
     pub fn connections(&self) -> usize {
         self.forwarded.load(Ordering::SeqCst)
+    }
+
+    /// When every connection attempt so far came (those refused while cut included).
+    pub fn attempts(&self) -> Vec<Instant> {
+        self.attempts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
