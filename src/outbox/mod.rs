@@ -311,7 +311,6 @@ const CLOCK_SAVE_EVERY: Duration = Duration::from_secs(60);
 /// Disk rows read per step when dropping or expiring the oldest.
 const SCAN_STEP: usize = 512;
 
-/// The one owner of the outbox: memory and the SQLite file. Spawned as a task.
 /// `queue.drain_rate` as a token bucket: `rate` messages a second, in bursts of at most a
 /// tenth of a second's worth (at least one), so the uplink's window is fed smoothly.
 #[derive(Debug)]
@@ -351,6 +350,7 @@ impl Pacer {
     }
 }
 
+/// The one owner of the outbox: memory and the SQLite file. Spawned as a task.
 pub struct Owner {
     store: Store,
     config: QueueConfig,
@@ -513,10 +513,27 @@ impl Owner {
         }
     }
 
-    /// When the owner has something to do without being asked: the oldest message in
-    /// memory reaches `commit_interval`, deletions are due, rows may expire, the clock is
-    /// due to be saved. None when idle: an idle gateway does not write.
+    /// When the owner has something to do without being asked: its housekeeping, or the
+    /// drain rate allowing the uplink more.
     fn next_deadline(&self) -> Option<Instant> {
+        [self.housekeeping_due(), self.pace_due()]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// When `queue.drain_rate` allows the next burst, while a feed waits for it.
+    fn pace_due(&self) -> Option<Instant> {
+        self.config
+            .drain_rate
+            .filter(|_| self.paced)
+            .map(|rate| self.pacer.next_allowed(rate))
+    }
+
+    /// When housekeeping is due: the oldest message in memory reaches `commit_interval`,
+    /// deletions are due, rows may expire, the clock is due to be saved. None when idle: an
+    /// idle gateway does not write.
+    fn housekeeping_due(&self) -> Option<Instant> {
         let interval = self.config.commit_interval;
         let spill = self
             .held
@@ -533,18 +550,19 @@ impl Owner {
             (Some(at), Some(failed)) => Some(at.max(failed + RETRY_AFTER)),
             (write, _) => write,
         };
-        let pace = self
-            .config
-            .drain_rate
-            .filter(|_| self.paced)
-            .map(|rate| self.pacer.next_allowed(rate));
-        [write, expiry, pace].into_iter().flatten().min()
+        [write, expiry].into_iter().flatten().min()
     }
 
+    /// What is due: the next burst of a paced feed, housekeeping, or both. A paced drain
+    /// wakes the owner ten times a second; only the feed runs then, not a gauge update
+    /// that reads the database.
     fn tick(&mut self) {
         let now = Instant::now();
-        if self.paced {
+        if self.pace_due().is_some_and(|due| now >= due) {
             self.feed();
+        }
+        if self.housekeeping_due().is_none_or(|due| now < due) {
+            return;
         }
         if now >= self.next_expiry {
             self.next_expiry = now + EXPIRY_EVERY;
